@@ -1,0 +1,104 @@
+"""The ``fisherscan`` command line: each command parses options, calls one library function, prints."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import FisherscanError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Fisher-guided robust tuning (FisherTune) of ViT foundation models for DG segmentation.")
+console = Console(stderr=True)
+stdout = Console()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A FisherscanError becomes one red line on stderr and exit code 2; never a traceback."""
+    try:
+        yield
+    except FisherscanError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def report_scores(result, out: Path) -> None:
+    """Print the group table and save it as CSV beside the scores."""
+    from .report import group_summary, summary_table
+
+    frame = group_summary(result.scores)
+    csv_path = out.with_name(out.name.removesuffix(".safetensors") + ".groups.csv")
+    frame.to_csv(csv_path, index=False)
+    meta = result.metadata
+    stdout.print(summary_table(frame, f"{meta['model']}: {meta['images']} images, shift weight "
+                                      f"{meta['shift']['weight']:.3f}"))
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {note}")
+    stdout.print(f"scores: {out}\nhead:   {result.head_path}\ntable:  {csv_path}")
+
+
+@app.command()
+def score(
+    model: str = typer.Option(..., "--model", help="dinov2_vit{s,b,l,g}14[_reg] or timm:<name>"),
+    data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
+    out: Path = typer.Option(Path("scores.safetensors"), "--out", help="scores file to write"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="checkpoint (.pth official or .safetensors)"),
+    random_init: bool = typer.Option(False, "--random-init", help="allow an untrained backbone"),
+    layout: str = typer.Option("auto", "--layout", help="auto|gta5|cityscapes|bdd100k|mapillary|acdc|generic"),
+    split: str = typer.Option("train", "--split", help="dataset split where the layout has splits"),
+    images: Optional[int] = typer.Option(None, "--images", help="score a seeded random subset of N images"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    crop: int = typer.Option(512, "--crop", help="square crop; padded to a multiple of the patch size"),
+    decoder: str = typer.Option("linear", "--decoder"),
+    head: Optional[Path] = typer.Option(None, "--head", help="load a warmed-up head instead of warming up"),
+    warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up steps (Algorithm 1, step 1)"),
+    warmup_lr: float = typer.Option(1e-3, "--warmup-lr"),
+    labels: str = typer.Option("sampled", "--labels", help="sampled (true Fisher) or given (empirical)"),
+    perturb_at: int = typer.Option(0, "--perturb-at", help="block whose input tokens get Eq. 6"),
+    normalize: bool = typer.Option(True, "--normalize/--literal", help="FISHERTUNE.md normalisation or the literal Eq. 7"),
+    delta_eps: Optional[float] = typer.Option(None, "--delta-eps", help="Eq. 5 eps (default 1e-3 normalised, 1e-8 literal)"),
+    shift_weight: Optional[float] = typer.Option(None, "--shift-weight", help="fixed weight of the domain term"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes"),
+    chunk_size: int = typer.Option(8, "--chunk-size", help="images per vectorised per-image-gradient chunk"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+) -> None:
+    """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
+    from .scoring import ScoreConfig, run_score
+
+    with user_errors():
+        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, layout=layout,
+                             split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder, head=head,
+                             warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, perturb_at=perturb_at,
+                             normalize=normalize, delta_eps=delta_eps, shift_weight=shift_weight, seed=seed,
+                             device=device, workers=workers, chunk_size=chunk_size, overwrite=overwrite)
+        report_scores(run_score(config, console), out)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("fisherscan-demo"), "--out", help="folder for the generated data and outputs"),
+    images: int = typer.Option(32, "--images", help="source images to score"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """The built-in default job: generate procedural scenes in 5 domains, score a small ViT on the source."""
+    from .demo import run_demo
+
+    with user_errors():
+        result, scores_path = run_demo(out, images=images, seed=seed, device=device, console=console)
+        report_scores(result, scores_path)
+        stdout.print(f"data:   {out / 'data'} (domains: source, fog, night, colour, blur)")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
