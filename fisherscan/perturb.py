@@ -7,7 +7,7 @@ and the spread of those statistics over the batch, Sigma_mu^2 = Var_batch[mu], S
     x' = beta * (x - mu) / sigma + alpha                                                        (Eq. 6)
 
 As in DSU's reference code, variances are unbiased and eps = 1e-6 sits inside each square root. At batch
-size 1 the batch variance is undefined; it is taken as 0 there (no shift) instead of NaN.
+size 1 the batch variance is undefined; the spread is taken as 0 there (x' = x) instead of NaN.
 
 The batch spread (Sigma_mu, Sigma_sigma) defines the simulated domain and is held constant (detached): each
 image's perturbed loss then depends on that image alone, so per-image gradients (Eq. 9) are well defined.
@@ -34,8 +34,9 @@ def statistic_spread(mu: torch.Tensor, sigma: torch.Tensor, eps: float = EPS) ->
 
     def spread(values: torch.Tensor) -> torch.Tensor:
         values = values.detach().float()
-        variance = values.var(dim=0, unbiased=True) if values.shape[0] > 1 else torch.zeros_like(values[0])
-        return (variance + eps).sqrt()
+        if values.shape[0] < 2:  # the batch variance is undefined: no spread, no shift
+            return torch.zeros_like(values[0])
+        return (values.var(dim=0, unbiased=True) + eps).sqrt()
 
     return spread(mu), spread(sigma)
 

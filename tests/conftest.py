@@ -1,0 +1,31 @@
+"""Shared tiny models for the tests (CPU, fp32, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from fisherscan.segmenter import Segmenter
+
+
+def tiny_vit(depth: int = 2, embed_dim: int = 16, patch: int = 4, reg_tokens: int = 0) -> VisionTransformer:
+    """A ViT with every part the Fisher rules must handle: conv patch embedding, cls (+ register) tokens,
+    position embedding, LayerNorm, attention, MLP and LayerScale."""
+    return VisionTransformer(img_size=16, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=2,
+                             mlp_ratio=2.0, init_values=0.5, num_classes=0, dynamic_img_size=True,
+                             reg_tokens=reg_tokens)
+
+
+def tiny_segmenter(num_classes: int = 4, seed: int = 0, **kwargs) -> Segmenter:
+    torch.manual_seed(seed)
+    model = Segmenter(tiny_vit(**kwargs), num_classes=num_classes).eval()
+    with torch.no_grad():  # LayerScale and the head away from their init values: every gradient non-trivial
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def segmenter() -> Segmenter:
+    return tiny_segmenter()
