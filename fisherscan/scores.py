@@ -25,6 +25,12 @@ METADATA_KEY = "fisherscan"
 KINDS = ("fim", "fim_shift", "delta", "drfim")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``."""
@@ -40,6 +46,8 @@ def atomic_target(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         with open(tmp, "rb+") as written:
+            # mkstemp's (and safetensors') private 0600 would carry over: give it the mode of any new file
+            os.fchmod(written.fileno(), 0o666 & ~_umask())
             os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
@@ -49,12 +57,18 @@ def atomic_target(path: Path) -> Iterator[Path]:
 
 def save_scores(path: Path, scores: dict[str, dict[str, torch.Tensor]], metadata: dict) -> None:
     """Write ``scores[kind][param]`` as tensors ``kind/param`` plus ``metadata`` (JSON), atomically."""
-    tensors = {
-        f"{kind}/{name}": tensor.detach().to("cpu", torch.float32).contiguous()
-        for kind, by_name in scores.items()
-        for name, tensor in by_name.items()
-    }
-    info = {"schema_version": SCHEMA_VERSION, **metadata}
+    tensors = {}
+    storages = set()
+    for kind, by_name in scores.items():
+        for name, tensor in by_name.items():
+            value = tensor.detach().to("cpu", torch.float32).contiguous()
+            storage = value.untyped_storage().data_ptr()
+            if storage in storages:  # safetensors refuses tensors that share memory (views, one tensor twice)
+                value = value.clone()
+                storage = value.untyped_storage().data_ptr()
+            storages.add(storage)
+            tensors[f"{kind}/{name}"] = value
+    info = {**metadata, "schema_version": SCHEMA_VERSION}
     with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
 
@@ -75,4 +89,10 @@ def load_scores(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         raise FisherscanError(f"{path}: not a readable safetensors file ({type(error).__name__}); score again") from None
     if raw is None:
         raise FisherscanError(f"{path}: no '{METADATA_KEY}' metadata; it was not written by fisherscan score")
-    return scores, json.loads(raw)
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise FisherscanError(f"{path}: its '{METADATA_KEY}' metadata is not a JSON object; score again")
+    return scores, metadata
