@@ -147,6 +147,37 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     return accumulator.fisher()
 
 
+def variational_fisher(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, gamma: float,
+                       tau: float, steps: int = 400, lr: float = 0.0, labels: str = "sampled", ignore_index: int = 255,
+                       generator: torch.Generator | None = None, scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Variational diagonal Fisher (Eq. 10-14) of every parameter with requires_grad, float32, by name.
+
+    Same meaning and normalisation as ``diagonal_fisher`` (mean over images of the per-image Fisher of the
+    summed pixel loss). Prior N(theta_pt, tau^2 I) at the model's current parameters, KL weight ``gamma``;
+    ``steps`` natural-gradient steps of Eq. 11 with step size ``lr`` (0: running average), cycling through
+    ``batches`` (held in memory); the likelihood is scaled by ``scale`` (default: the number of images) and the
+    scaling divided back out (``fisherscan.variational``). Labels: "sampled" draws them with uniforms from
+    ``generator``; "given" uses y.
+    """
+    from .variational import fit_precision, segmentation_losses
+
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches")
+    images = sum(x.shape[0] for x, _ in batches)
+
+    def next_batch(step):
+        x, y = batches[step % len(batches)]
+        return x, y, torch.rand(y.shape, generator=generator) if labels == "sampled" else None
+
+    losses = segmentation_losses(model, next_batch, ignore_index=ignore_index)
+    result = fit_precision(losses, trainable_parameters(model), gamma=gamma, tau=tau, steps=steps, lr=lr,
+                           scale=float(images if scale is None else scale), generator=generator)
+    return result.fisher
+
+
 def delta_fisher(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor],
                  eps: float = 1e-8) -> dict[str, torch.Tensor]:
     """Eq. 5: Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps), element-wise, per parameter."""

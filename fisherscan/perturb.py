@@ -82,12 +82,13 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def block_input(segmenter: nn.Module, x: torch.Tensor, site: int) -> torch.Tensor:
-    """The tokens (B, prefix + N, C) entering backbone block ``site``; the forward stops there."""
+    """The tokens (B, prefix + N, C) entering backbone block ``site``, ahead of any other pre-hook (such as an
+    active ``TokenShift``); the forward stops there."""
 
     def capture(module, args):
         raise _Captured(args[0])
 
-    handle = segmenter.backbone.blocks[site].register_forward_pre_hook(capture)
+    handle = segmenter.backbone.blocks[site].register_forward_pre_hook(capture, prepend=True)
     try:
         segmenter(x)
     except _Captured as captured:

@@ -11,13 +11,16 @@ import torch
 STREAMS = ("crop", "labels", "shift")
 
 
-def keyed_seed(seed: int, index: int, stream: str) -> int:
-    """A 63-bit seed derived from (seed, image index, stream name) with numpy's SeedSequence hashing."""
-    stream_id = STREAMS.index(stream)
-    state = np.random.SeedSequence([int(seed), int(index), stream_id]).generate_state(2, dtype=np.uint32)
+def keyed_seed(seed: int, index: int, stream: str, visit: int = 0) -> int:
+    """A 63-bit seed derived from (seed, image index, stream name[, visit]) with numpy's SeedSequence hashing.
+
+    ``visit`` counts how often an image was drawn before (estimators that cycle through the data draw afresh).
+    """
+    entropy = [int(seed), int(index), STREAMS.index(stream)] + ([int(visit)] if visit else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-def keyed_generator(seed: int, index: int, stream: str) -> torch.Generator:
+def keyed_generator(seed: int, index: int, stream: str, visit: int = 0) -> torch.Generator:
     """A CPU torch.Generator for one image's draws of one kind."""
-    return torch.Generator().manual_seed(keyed_seed(seed, index, stream))
+    return torch.Generator().manual_seed(keyed_seed(seed, index, stream, visit))

@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +25,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .data import NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, find_pairs, make_loader, padded_size, select_images, validate_pairs
 from .errors import FisherscanError
-from .fisher import FisherAccumulator, LABEL_MODES, delta_fisher, dr_fim, fisher_scale, shift_weight, squared_gradient_sum, upsample_logits
+from .fisher import (LABEL_MODES, FisherAccumulator, delta_fisher, dr_fim, fisher_scale, shift_weight,
+                     squared_gradient_sum, trainable_parameters, upsample_logits)
 from .groups import candidate_names, parameter_groups
 from .models import build_backbone
 from .perturb import TokenShift, block_input, channel_statistics, draw_eps, shift_statistics, statistic_spread
 from .rng import keyed_generator
 from .scores import save_scores
 from .segmenter import Segmenter, head_path_for, load_head, save_head
+from .variational import fit_precision, segmentation_losses
+
+ESTIMATORS = ("diagonal", "variational")
 
 
 @dataclass
@@ -50,6 +57,13 @@ class ScoreConfig:
     warmup_steps: int = 200
     warmup_lr: float = 1e-3
     labels: str = "sampled"
+    estimator: str = "diagonal"
+    gamma: float = 1.0
+    tau: float = 1e-3
+    var_steps: int = 500
+    var_lr: float = 0.0
+    var_scale: float | None = None
+    var_tolerance: float = 0.05
     perturb_at: int = 0
     normalize: bool = True
     delta_eps: float | None = None
@@ -101,6 +115,10 @@ def resolve_device(name: str) -> torch.device:
 
 def check_config(config: ScoreConfig) -> None:
     """Option mistakes, found before any work is done."""
+    if config.estimator not in ESTIMATORS:
+        raise FisherscanError(f"--estimator {config.estimator}: use one of {', '.join(ESTIMATORS)}")
+    if config.gamma <= 0 or config.tau <= 0 or config.var_steps < 1 or not 0 <= config.var_lr < 1:
+        raise FisherscanError("--gamma and --tau must be > 0, --var-steps >= 1 and 0 <= --var-lr < 1")
     if config.labels not in LABEL_MODES:
         raise FisherscanError(f"--labels {config.labels}: use one of {', '.join(LABEL_MODES)}")
     for option, value in (("--batch-size", config.batch_size), ("--crop", config.crop), ("--chunk-size", config.chunk_size)):
@@ -143,32 +161,111 @@ def warm_up_decoder(segmenter: Segmenter, loader, steps: int, lr: float, device:
     return loss_value
 
 
+def label_uniforms(config: ScoreConfig, y: torch.Tensor, indices: list[int], visit: int = 0) -> torch.Tensor | None:
+    """Each image's uniforms for sampled labels, keyed on (seed, image index, visit); None for given labels."""
+    if config.labels != "sampled":
+        return None
+    return torch.stack([torch.rand(y.shape[-2:], generator=keyed_generator(config.seed, i, "labels", visit))
+                        for i in indices])
+
+
+def prepare_shift(segmenter: Segmenter, shift: TokenShift, x: torch.Tensor, indices: list[int],
+                  config: ScoreConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """Set Eq. 6's batch spread on ``shift``; return each image's eps draws (keyed on (seed, image index)) and
+    the sum over images of the mean relative shift s they apply."""
+    tokens = block_input(segmenter, x, config.perturb_at)[:, segmenter.backbone.num_prefix_tokens:].float()
+    shift.spread = statistic_spread(*channel_statistics(tokens))
+    draws = [draw_eps(1, tokens.shape[-1], keyed_generator(config.seed, i, "shift")) for i in indices]
+    eps = (torch.cat([d[0] for d in draws]).to(x.device), torch.cat([d[1] for d in draws]).to(x.device))
+    _, magnitude = shift_statistics(tokens, *eps, *shift.spread)
+    return eps, float(magnitude.mean(dim=1).sum())
+
+
 def score_batch(segmenter: Segmenter, state: ScoringState, shift: TokenShift, x: torch.Tensor, y: torch.Tensor,
                 indices: list[int], config: ScoreConfig, autocast_dtype: torch.dtype | None) -> None:
     """F(x) and F(x') (Eq. 9) of one batch into ``state``; all draws keyed on (seed, image index)."""
-    uniforms = None
-    if config.labels == "sampled":
-        uniforms = torch.stack([torch.rand(y.shape[-2:], generator=keyed_generator(config.seed, i, "labels"))
-                                for i in indices])
+    uniforms = label_uniforms(config, y, indices)
     common = dict(ignore_index=IGNORE_INDEX, chunk_size=config.chunk_size, autocast_dtype=autocast_dtype)
     state.clean.add(squared_gradient_sum(segmenter, x, y, uniforms, **common), len(indices))
-
-    tokens = block_input(segmenter, x, config.perturb_at)[:, segmenter.backbone.num_prefix_tokens:].float()
-    mu, sigma = channel_statistics(tokens)
-    shift.spread = statistic_spread(mu, sigma)
-    draws = [draw_eps(1, tokens.shape[-1], keyed_generator(config.seed, i, "shift")) for i in indices]
-    eps_mu = torch.cat([d[0] for d in draws]).to(x.device)
-    eps_sigma = torch.cat([d[1] for d in draws]).to(x.device)
-    _, magnitude = shift_statistics(tokens, eps_mu, eps_sigma, *shift.spread)
-    state.shift_magnitude_sum += float(magnitude.mean(dim=1).sum())
-    state.shifted.add(squared_gradient_sum(segmenter, x, y, uniforms, shift=shift, shift_eps=(eps_mu, eps_sigma),
-                                           **common), len(indices))
+    eps, magnitude = prepare_shift(segmenter, shift, x, indices, config)
+    state.shift_magnitude_sum += magnitude
+    state.shifted.add(squared_gradient_sum(segmenter, x, y, uniforms, shift=shift, shift_eps=eps, **common),
+                      len(indices))
 
 
-def combine(state: ScoringState, config: ScoreConfig, candidates: list[str]) -> tuple[dict, dict]:
-    """Eq. 9 means, then Eq. 5 and Eq. 7 with FISHERTUNE.md's normalisation, relative eps and shift weight."""
-    f_clean, f_shift = state.clean.fisher(), state.shifted.fisher()
+def run_diagonal(segmenter: Segmenter, loader, config: ScoreConfig, device: torch.device,
+                 autocast_dtype: torch.dtype | None, progress: Progress) -> tuple[dict, dict, float, dict]:
+    """The exact diagonal estimator over every image once: (F(x), F(x'), mean shift s, extra metadata)."""
+    shapes = {name: p.shape for name, p in segmenter.backbone.named_parameters()}
+    state = ScoringState(FisherAccumulator({f"backbone.{n}": s for n, s in shapes.items()}),
+                         FisherAccumulator({f"backbone.{n}": s for n, s in shapes.items()}))
+    shift = TokenShift(segmenter, config.perturb_at)
+    task = progress.add_task("score F(x), F(x')", total=len(loader.dataset), rate="")
+    started = time.perf_counter()
+    for x, y, indices in loader:
+        score_batch(segmenter, state, shift, x.to(device), y.to(device), [int(i) for i in indices], config,
+                    autocast_dtype)
+        state.next_image += len(indices)
+        rate = state.next_image / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, advance=len(indices), rate=f"{rate:.2f} img/s")
     magnitude = state.shift_magnitude_sum / max(state.shifted.images, 1)
+    return state.clean.fisher(), state.shifted.fisher(), magnitude, {"images": state.clean.images}
+
+
+def cycle(loader) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[int]]]:
+    """(visit, x, y, indices) for ever, re-iterating the loader (so no batch is held in memory)."""
+    visit = 0
+    while True:
+        for x, y, indices in loader:
+            yield visit, x, y, [int(i) for i in indices]
+        visit += 1
+
+
+def run_variational(segmenter: Segmenter, loader, config: ScoreConfig, device: torch.device,
+                    autocast_dtype: torch.dtype | None, progress: Progress) -> tuple[dict, dict, float, dict]:
+    """Eq. 10-14 on source batches (Lambda_x) and on the same batches with Eq. 6 applied (Lambda_x')."""
+    means = trainable_parameters(segmenter)
+    scale = float(config.var_scale if config.var_scale is not None else len(loader.dataset))
+    shift = TokenShift(segmenter, config.perturb_at)
+    fits, magnitudes = {}, []
+    for kind, shifted in (("clean", False), ("shift", True)):
+        batches = cycle(loader)
+        task = progress.add_task(f"variational Lambda_x{chr(39) if shifted else ''}", total=config.var_steps, rate="")
+
+        def next_batch(step, batches=batches, shifted=shifted):
+            visit, x, y, indices = next(batches)
+            x, y = x.to(device), y.to(device)
+            if shifted:
+                shift.eps, magnitude = prepare_shift(segmenter, shift, x, indices, config)
+                magnitudes.append(magnitude / len(indices))
+            return x, y, label_uniforms(config, y, indices, visit)
+
+        def on_step(step, terms, task=task):
+            progress.update(task, advance=1, rate=f"E[loss] {terms['expected_loss']:.3g} KL {terms['kl']:.3g}")
+
+        losses = segmentation_losses(segmenter, next_batch, ignore_index=IGNORE_INDEX, autocast_dtype=autocast_dtype)
+        with shift if shifted else contextlib.nullcontext():
+            fits[kind] = fit_precision(losses, means, gamma=config.gamma, tau=config.tau, steps=config.var_steps,
+                                       lr=config.var_lr, scale=scale, tolerance=config.var_tolerance,
+                                       generator=torch.Generator().manual_seed(config.seed), on_step=on_step)
+    extra = {
+        "precision": fits["clean"].precision, "precision_shift": fits["shift"].precision,
+        "variational": {"gamma": config.gamma, "tau": config.tau, "steps": config.var_steps, "lr": config.var_lr,
+                        "likelihood_scale": scale,
+                        "final_terms": {kind: fit.terms for kind, fit in fits.items()},
+                        "relative_change_last_10pct": {kind: fit.relative_change for kind, fit in fits.items()},
+                        "converged": {kind: fit.converged for kind, fit in fits.items()},
+                        "update": "natural-gradient steps of Eq. 11 in the precision, antithetic reparameterized "
+                                  "curvature; F = gamma * (Lambda - tau^-2) / s (Eq. 14), clamped at 0"},
+        "images": len(loader.dataset),
+    }
+    magnitude = sum(magnitudes) / max(len(magnitudes), 1)
+    return fits["clean"].fisher, fits["shift"].fisher, magnitude, extra
+
+
+def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
+            candidates: list[str]) -> tuple[dict, dict]:
+    """Eq. 5 and Eq. 7 with FISHERTUNE.md's normalisation, relative eps and shift weight."""
     weight = config.shift_weight if config.shift_weight is not None else shift_weight(magnitude)
     eps = config.delta_eps if config.delta_eps is not None else (1e-3 if config.normalize else 1e-8)
     scale = fisher_scale(f_clean, candidates) if config.normalize else 1.0
@@ -227,28 +324,25 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
 
         for p in segmenter.backbone.parameters():
             p.requires_grad_(True)
-        shapes = {name: p.shape for name, p in segmenter.backbone.named_parameters()}
-        state = ScoringState(FisherAccumulator({f"backbone.{n}": s for n, s in shapes.items()}),
-                             FisherAccumulator({f"backbone.{n}": s for n, s in shapes.items()}))
-        shift = TokenShift(segmenter, config.perturb_at)
-        task = progress.add_task("score F(x), F(x')", total=len(dataset), rate="")
-        started = None
-        for x, y, indices in loader:
-            import time
-
-            started = started or time.perf_counter()
-            score_batch(segmenter, state, shift, x.to(device), y.to(device), [int(i) for i in indices], config,
-                        torch.bfloat16 if autocast else None)
-            state.next_image += len(indices)
-            rate = state.next_image / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=len(indices), rate=f"{rate:.2f} img/s")
+        estimate = run_diagonal if config.estimator == "diagonal" else run_variational
+        f_clean, f_shift, magnitude, extra = estimate(segmenter, loader, config, device,
+                                                      torch.bfloat16 if autocast else None, progress)
 
     groups = parameter_groups(segmenter.backbone.named_parameters())
     candidates = candidate_names(groups)
-    strip = len("backbone.")
-    state.clean.sums = {n[strip:]: v for n, v in state.clean.sums.items()}
-    state.shifted.sums = {n[strip:]: v for n, v in state.shifted.sums.items()}
-    scores, terms = combine(state, config, candidates)
+
+    def strip(by_name: dict) -> dict:
+        return {name.removeprefix("backbone."): value for name, value in by_name.items()}
+
+    scores, terms = combine(strip(f_clean), strip(f_shift), magnitude, config, candidates)
+    if config.estimator == "variational":
+        scores["precision"], scores["precision_shift"] = strip(extra["precision"]), strip(extra["precision_shift"])
+        terms["variational"] = extra["variational"]
+        for kind, converged in extra["variational"]["converged"].items():
+            if not converged:
+                notes.append(f"the {kind} precision has not converged (mean relative change "
+                             f"{extra['variational']['relative_change_last_10pct'][kind]:.3f} over the last 10% of "
+                             f"steps > {config.var_tolerance}); raise --var-steps")
 
     metadata = {
         "fisherscan_version": __version__,
@@ -257,8 +351,8 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
         "random_init": backbone.random_init,
-        "estimator": "diagonal",
-        "images": state.clean.images,
+        "estimator": config.estimator,
+        "images": extra["images"],
         "seed": config.seed,
         "labels": config.labels,
         "loss_reduction": "per image: sum of pixel cross-entropy over valid pixels (ignore 255 and padding); "

@@ -1,0 +1,165 @@
+"""Stable (variational) Fisher estimation: Eq. 10-14.
+
+Posterior q(theta) = N(theta_hat, diag(Lambda)^-1), prior p(theta) = N(theta_pt, tau^2 I) (Eq. 10), with the
+mean fixed at the pretrained parameters (theta_hat = theta_pt: "the mean is the model itself"). Lambda is learned
+by minimising (Eq. 11)
+
+    L(Lambda) = s * E_{theta ~ q}[ loss(theta) ] + gamma * KL(q || p)
+
+by stochastic gradient with the reparameterization trick, theta = theta_hat +/- Lambda^-1/2 * xi,
+xi ~ N(0, I), drawn as an antithetic pair (the same xi with both signs, the same batch and labels), which
+cancels the first-order term of the loss exactly and leaves the curvature. With theta_hat = theta_pt the
+closed-form KL between diagonal Gaussians (Eq. 13) is
+
+    KL = 1/2 sum_n ( tau^-2 / Lambda_n - 1 + ln tau^2 + ln Lambda_n ).
+
+The likelihood and its scaling. ``loss`` is the mean over the batch's images of each image's SUM of pixel
+cross-entropy -- the per-image loss of Eq. 9, so its Hessian in expectation over sampled labels is exactly the
+quantity ``diagonal_fisher`` estimates (mean over images of the per-image Fisher). By Eq. 12,
+E_q[loss] ~ loss(theta_hat) + 1/2 sum_n H_nn / Lambda_n, and the stationary point of L is
+
+    s * H_nn = gamma * (Lambda_n - tau^-2)         (Eq. 14, with the likelihood scaled by s)
+
+so the Fisher estimate is F_n = gamma * (Lambda_n - tau^-2) / s, clamped at 0. s is a dataset-size scaling of
+the likelihood, as IVON uses (default: the number of images scored): it keeps the posterior narrow
+(Lambda ~ s F / gamma), so the second-order expansion of Eq. 12 holds, and dividing it back out gives the same
+units as ``diagonal_fisher``. Eq. 12 is a statement about the Hessian: the estimate equals the diagonal Fisher
+where the expected Hessian of the loss equals the Fisher (exactly for a linear softmax model), where the
+posterior is narrow, and where s F / gamma stands out against tau^-2.
+
+Lambda is optimised in log space with Adam, the learning rate decaying linearly to 0. Memory: the log
+precision, Adam's two moments, xi and the two perturbed parameter sets: about six parameter-sized tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+LossPair = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def kl_to_prior(log_precision: dict[str, torch.Tensor], tau: float) -> torch.Tensor:
+    """Eq. 13 with theta_hat = theta_pt: 1/2 sum(tau^-2 / Lambda - 1 + ln tau^2 + ln Lambda)."""
+    total = 0.0
+    for value in log_precision.values():
+        total = total + 0.5 * (torch.exp(-value) / tau**2 - 1.0 + math.log(tau**2) + value).sum()
+    return total
+
+
+def precision_to_fisher(precision: dict[str, torch.Tensor], gamma: float, tau: float,
+                        scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Eq. 14: F = gamma * (Lambda - tau^-2), divided by the likelihood scale s, clamped at 0."""
+    return {name: (gamma * (value - tau**-2) / scale).clamp_min(0.0).float() for name, value in precision.items()}
+
+
+@dataclass
+class VariationalResult:
+    """Learned precisions, their Fisher estimates (Eq. 14) and the optimisation record."""
+
+    precision: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor]
+    terms: dict[str, float]
+    relative_change: float
+    converged: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit_precision(losses: LossPair, means: dict[str, torch.Tensor], *, gamma: float, tau: float, steps: int,
+                  lr: float = 0.0, scale: float = 1.0, generator: torch.Generator | None = None,
+                  tolerance: float = 0.05, on_step: Callable[[int, dict[str, float]], None] | None = None
+                  ) -> VariationalResult:
+    """Minimise Eq. 11 over Lambda for the parameters ``means`` (theta_hat, left unchanged).
+
+    ``losses(plus, minus, step)`` returns the loss at theta_hat + sigma*xi and at theta_hat - sigma*xi for the
+    step's batch (same images, same labels), sigma = Lambda^-1/2. Each step is a natural-gradient step of Eq. 11
+    in the precision (the Bayesian learning rule, as in IVON/VOGN):
+
+        Lambda <- (1 - rho) * Lambda + rho * (s * h / gamma + tau^-2),   h = xi * (g_plus - g_minus) / (2 sigma)
+
+    where h is the reparameterization-trick estimate of the diagonal of E_q[Hessian] (Bonnet's theorem; the
+    antithetic pair removes the gradient's first-order noise), and rho_t = max(lr, 1 / (t + 1)): a running
+    average of the targets (lr = 0, the default) or an exponential one with weight lr. Its fixed point is
+    Eq. 14. The precision used for sampling is floored at the prior's tau^-2 (curvature noise may be negative);
+    the returned precision is the unfloored average, so Eq. 14 stays unbiased. Converged means the mean
+    relative change of Lambda over the last 10% of the steps is below ``tolerance``.
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    means = {name: value.detach() for name, value in means.items()}
+    device = next(iter(means.values())).device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    noise = torch.Generator(device=device).manual_seed(seed)  # xi drawn where the parameters live
+    prior_precision = tau**-2
+    precision = {name: torch.full_like(value, prior_precision, dtype=torch.float32) for name, value in means.items()}
+    checkpoint_step = steps - max(1, steps // 10)
+    kl_every = max(1, steps // 20)
+    snapshot: dict[str, torch.Tensor] = {}
+    history = []
+    for step in range(steps):
+        if step == checkpoint_step:
+            snapshot = {name: value.clone() for name, value in precision.items()}
+        xis, sigmas, plus, minus = {}, {}, {}, {}
+        for name, mean in means.items():
+            xis[name] = torch.randn(mean.shape, generator=noise, device=device, dtype=torch.float32)
+            sigmas[name] = precision[name].clamp_min(prior_precision).rsqrt()
+            offset = (sigmas[name] * xis[name]).to(mean.dtype)
+            plus[name] = (mean + offset).requires_grad_(True)
+            minus[name] = (mean - offset).requires_grad_(True)
+        loss_plus, loss_minus = losses(plus, minus, step)
+        names = list(means)
+        grads_plus = torch.autograd.grad(loss_plus, [plus[n] for n in names])
+        grads_minus = torch.autograd.grad(loss_minus, [minus[n] for n in names])
+        rho = max(lr, 1.0 / (step + 1))
+        with torch.no_grad():
+            for name, g_plus, g_minus in zip(names, grads_plus, grads_minus):
+                curvature = xis[name] * (g_plus.float() - g_minus.float()) / (2.0 * sigmas[name])
+                target = scale * curvature / gamma + prior_precision
+                precision[name].mul_(1.0 - rho).add_(rho * target)
+            expected = 0.5 * float(loss_plus.detach() + loss_minus.detach())
+            if step % kl_every == 0 or step == steps - 1:  # a full pass over Lambda: not every step
+                kl = float(kl_to_prior({n: v.clamp_min(prior_precision).log() for n, v in precision.items()}, tau))
+        terms = {"expected_loss": expected, "kl": kl, "objective": scale * expected + gamma * kl}
+        history.append(terms)
+        if on_step is not None:
+            on_step(step, terms)
+    change = sum(float(((precision[n] - snapshot[n]).abs() / precision[n].abs().clamp_min(prior_precision)).sum())
+                 for n in means) / max(1, sum(v.numel() for v in means.values()))
+    return VariationalResult(precision=precision, fisher=precision_to_fisher(precision, gamma, tau, scale),
+                             terms=history[-1], relative_change=change, converged=change < tolerance,
+                             history=history)
+
+
+def segmentation_losses(model: torch.nn.Module, next_batch: Callable[[int], tuple], *, ignore_index: int = 255,
+                        autocast_dtype: torch.dtype | None = None) -> LossPair:
+    """The likelihood term of Eq. 11 for a segmentation model: the mean over the batch's images of each image's
+    summed pixel cross-entropy (Eq. 9's per-image loss), at theta_hat +/- sigma*xi.
+
+    ``next_batch(step)`` returns (x, y, uniforms or None): with uniforms, labels are drawn from the model's
+    softmax at theta_hat + sigma*xi (inverse CDF, valid pixels only) and reused for the minus side.
+    """
+    from torch.func import functional_call
+
+    from .fisher import image_loss, sample_labels, upsample_logits
+
+    def logits_at(params, x, size):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = functional_call(model, params, (x,))
+        return upsample_logits(logits.float(), size)
+
+    def losses(plus, minus, step):
+        x, y, uniforms = next_batch(step)
+        size = tuple(y.shape[-2:])
+        logits_plus = logits_at(plus, x, size)
+        target = y
+        if uniforms is not None:
+            target = sample_labels(logits_plus, uniforms.to(y.device), y != ignore_index, ignore_index)
+        batch = x.shape[0]
+        loss_plus = image_loss(logits_plus, target, ignore_index) / batch
+        loss_minus = image_loss(logits_at(minus, x, size), target, ignore_index) / batch
+        return loss_plus, loss_minus
+
+    return losses
