@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import FisherscanError
 
@@ -23,7 +24,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except FisherscanError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
@@ -38,11 +39,18 @@ def report_scores(result, out: Path) -> None:
     csv_path = out.with_name(out.name.removesuffix(".safetensors") + ".groups.csv")
     frame.to_csv(csv_path, index=False)
     meta = result.metadata
-    stdout.print(summary_table(frame, f"{meta['model']}: {meta['images']} images, shift weight "
-                                      f"{meta['shift']['weight']:.3f}"))
+    stdout.print(summary_table(frame, escape(f"{meta['model']}: {meta['images']} images, shift weight "
+                                             f"{meta['shift']['weight']:.3f}")))
     for note in result.notes:
-        stdout.print(f"[yellow]note:[/] {note}")
-    stdout.print(f"scores: {out}\nhead:   {result.head_path}\ntable:  {csv_path}")
+        stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    print_paths(("scores", out), ("head", result.head_path), ("table", csv_path))
+
+
+def print_paths(*labelled: tuple[str, Path]) -> None:
+    """``label: path`` lines on stdout, verbatim: no markup, no highlighting, never wrapped (scripts parse them)."""
+    width = max(len(label) for label, _ in labelled) + 1
+    for label, path in labelled:
+        stdout.print(f"{label + ':':<{width}} {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -97,7 +105,8 @@ def demo(
     with user_errors():
         result, scores_path = run_demo(out, images=images, seed=seed, device=device, console=console)
         report_scores(result, scores_path)
-        stdout.print(f"data:   {out / 'data'} (domains: source, fog, night, colour, blur)")
+        stdout.print(f"data:   {out / 'data'} (domains: source, fog, night, colour, blur)", markup=False,
+                     highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console script entry

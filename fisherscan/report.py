@@ -27,25 +27,45 @@ def top_threshold(values: torch.Tensor, fraction: float) -> tuple[float, int]:
     return float(torch.kthvalue(values, values.numel() - k + 1).values), k
 
 
+def top_counts(scores: dict[str, torch.Tensor], groups: dict, fraction: float) -> tuple[dict[str, int], int]:
+    """How many of the top k = ceil(fraction * n) candidate elements (Q, K, V, FFN) each group holds, and k.
+
+    Exactly k elements are counted: all those above the k-th largest value, then the ones equal to it in a fixed
+    element order (parameters in ``scores`` order, row-major within each) -- as FISHERTUNE.md breaks ties.
+    """
+    pieces = [(piece.group, (tensor[piece.rows] if tensor.dim() else tensor.reshape(1)).reshape(-1))
+              for name, tensor in scores.items() for piece in groups[name] if piece.group in CANDIDATE_GROUPS]
+    threshold, k = top_threshold(torch.cat([values for _, values in pieces]), fraction)
+    counts = dict.fromkeys(CANDIDATE_GROUPS, 0)
+    for group, values in pieces:
+        counts[group] += int((values > threshold).sum())
+    remaining = k - sum(counts.values())
+    for group, values in pieces:
+        if remaining <= 0:
+            break
+        tied = min(remaining, int((values == threshold).sum()))
+        counts[group] += tied
+        remaining -= tied
+    return counts, k
+
+
 def group_summary(scores: dict[str, dict[str, torch.Tensor]], top: float = 0.05, rank_kind: str = "drfim"
                   ) -> pd.DataFrame:
     """One row per group: element count, mean FIM, mean DR-FIM, and the group's share of the top ``top`` of
-    candidate elements (Q, K, V, FFN) ranked by ``rank_kind``."""
+    candidate elements (Q, K, V, FFN) ranked by ``rank_kind`` (exactly that many elements; ties by element order)."""
     reference = scores["fim"]
     groups = parameter_groups((name, tensor.shape) for name, tensor in reference.items())
     by_kind = {kind: group_elements(scores[kind], groups) for kind in ("fim", rank_kind) if kind in scores}
     ranked = by_kind[rank_kind]
-    candidates = torch.cat([ranked[g] for g in CANDIDATE_GROUPS if g in ranked])
-    threshold, k = top_threshold(candidates, top)
+    counts, k = top_counts({name: scores[rank_kind][name] for name in reference}, groups, top)
     rows = []
     for group in GROUPS:
         if group not in ranked:
             continue
-        in_top = int((ranked[group] >= threshold).sum()) if group in CANDIDATE_GROUPS else 0
         rows.append({"group": group, "elements": ranked[group].numel(),
                      "mean_fim": float(by_kind["fim"][group].double().mean()),
                      f"mean_{rank_kind}": float(ranked[group].double().mean()),
-                     f"top{top:.0%}_share": in_top / k})
+                     f"top{top:.0%}_share": counts.get(group, 0) / k})
     return pd.DataFrame(rows)
 
 

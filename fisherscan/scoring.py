@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,14 @@ def check_config(config: ScoreConfig) -> None:
             raise FisherscanError(f"{option} {value}: must be at least 1")
     if config.warmup_steps < 0:
         raise FisherscanError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
+    if config.head is None and config.warmup_steps > 0 and not (math.isfinite(config.warmup_lr) and config.warmup_lr > 0):
+        raise FisherscanError(f"--warmup-lr {config.warmup_lr}: must be a finite number > 0")
+    if config.shift_weight is not None and not (math.isfinite(config.shift_weight) and config.shift_weight >= 0):
+        raise FisherscanError(f"--shift-weight {config.shift_weight}: must be a finite number >= 0")
+    if config.delta_eps is not None and not (math.isfinite(config.delta_eps) and config.delta_eps > 0):
+        raise FisherscanError(f"--delta-eps {config.delta_eps}: must be a finite number > 0")
+    if config.images is not None and config.images < 1:
+        raise FisherscanError(f"--images {config.images}: must be at least 1 (leave it out to score every image)")
     if Path(config.out).exists() and not config.overwrite:
         raise FisherscanError(f"--out {config.out} exists; pass --overwrite to replace it or choose another --out")
     if str(config.out).endswith(".head.safetensors") or not str(config.out).endswith(".safetensors"):
@@ -141,16 +150,29 @@ def progress_bar(console: Console | None) -> Progress:
 
 
 def warm_up_decoder(segmenter: Segmenter, loader, steps: int, lr: float, device: torch.device,
-                    autocast: bool, progress: Progress) -> float:
-    """Algorithm 1 step 1: train the decoder with the backbone frozen (mean pixel cross-entropy, Eq. 1)."""
+                    autocast: bool, progress: Progress, reuse_limit: int = 256) -> float:
+    """Algorithm 1 step 1: train the decoder with the backbone frozen (mean pixel cross-entropy, Eq. 1).
+
+    The crops are the same on every pass and the backbone is frozen, so when the warm-up passes over a small
+    data set (at most ``reuse_limit`` images) more than once, the backbone features of the first pass are kept.
+    """
     optimizer = torch.optim.AdamW(segmenter.decoder.parameters(), lr=lr, weight_decay=0.0)
     task = progress.add_task("warm-up decoder", total=steps, rate="")
     loss_value = float("nan")
+    per_pass = len(loader)
+    reuse = steps > per_pass and len(loader.dataset) <= reuse_limit
+    kept: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    for step, (x, y, _) in zip(range(steps), batches):
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            tokens, grid = segmenter.features(x)
+    for step in range(steps):
+        if reuse and step >= per_pass:
+            tokens, grid, y = kept[step % per_pass]
+        else:
+            x, y, _ = next(batches)
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                tokens, grid = segmenter.features(x)
+            if reuse:
+                kept.append((tokens, grid, y))
         logits = upsample_logits(segmenter.decoder(tokens.float(), grid), tuple(y.shape[-2:]))
         loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,99 @@
+"""The built-in demo, run once for real through the CLI (``fisherscan demo --out DIR --images 8``).
+
+The CLI calls ``fisherscan.demo.run_demo``; a pass-through spy records its arguments and return value, so one
+run (the demo is the slowest thing in the test suite) checks both the function and the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import fisherscan.demo
+from fisherscan.cli import app
+from fisherscan.scores import load_scores
+from fisherscan.scoring import ScoreResult
+from fisherscan.synthetic import DOMAINS
+
+IMAGES = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine two spinning OpenMP threads
+    make every op wait for a free core (measured: the same tests 5-10x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    calls = []
+    real = fisherscan.demo.run_demo
+
+    def spy(*args, **kwargs):
+        returned = real(*args, **kwargs)
+        calls.append((args, kwargs, returned))
+        return returned
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(fisherscan.demo, "run_demo", spy)
+    try:
+        result = CliRunner().invoke(app, ["demo", "--out", str(out), "--images", str(IMAGES)])
+    finally:
+        patch.undo()
+    return {"out": out, "result": result, "calls": calls}
+
+
+def test_demo_command_exits_0_and_prints_the_output_paths(demo_run):
+    result, out = demo_run["result"], demo_run["out"]
+    assert result.exit_code == 0, f"{result.exception!r}\n{result.stderr}"
+    lines = result.stdout.splitlines()
+    for label, path in (("scores:", out / "scores.safetensors"), ("head:", out / "scores.head.safetensors"),
+                        ("table:", out / "scores.groups.csv"), ("data:", out / "data")):
+        line = next((l for l in lines if l.startswith(label)), None)
+        assert line is not None, result.stdout
+        assert line.split()[1] == str(path), line
+
+
+def test_run_demo_returns_the_result_and_the_scores_path(demo_run):
+    out = demo_run["out"]
+    assert len(demo_run["calls"]) == 1
+    args, kwargs, (result, scores_path) = demo_run["calls"][0]
+    assert Path(args[0]) == out and kwargs["images"] == IMAGES
+    assert isinstance(result, ScoreResult)
+    assert scores_path == out / "scores.safetensors"
+    assert result.head_path == out / "scores.head.safetensors"
+    assert result.metadata["images"] == IMAGES
+
+
+def test_demo_writes_scores_head_and_all_five_domains(demo_run):
+    out = demo_run["out"]
+    scores, meta = load_scores(out / "scores.safetensors")
+    assert set(scores) == {"fim", "fim_shift", "delta", "drfim"}
+    assert meta["model"] == "dinov2_vits14" and meta["random_init"] is True
+    assert meta["images"] == IMAGES
+    assert Path(meta["data"]["path"]) == out / "data" / "source"
+    for kind, by_name in scores.items():
+        assert "blocks.11.attn.qkv.weight" in by_name and "blocks.12.attn.qkv.weight" not in by_name  # ViT-S: 12
+        for name, tensor in by_name.items():
+            assert torch.isfinite(tensor).all() and (tensor >= 0).all(), f"{kind}/{name}"
+    assert (out / "scores.head.safetensors").is_file()
+    assert (out / "scores.groups.csv").is_file()
+
+    assert set(DOMAINS) == {"source", "fog", "night", "colour", "blur"}
+    first_label = None
+    for domain in DOMAINS:
+        images = sorted((out / "data" / domain / "images").glob("*.png"))
+        labels = sorted((out / "data" / domain / "labels").glob("*.png"))
+        assert len(images) == IMAGES and [p.name for p in images] == [p.name for p in labels], domain
+        label = labels[0].read_bytes()
+        first_label = first_label or label
+        assert label == first_label, f"{domain}: scene 0 must have the same label map in every domain"
+
