@@ -428,19 +428,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _window(self, index: int, height: int, width: int) -> tuple[int, int, bool]:
+    def _window(self, index: int, height: int, width: int, visit: int = 0) -> tuple[int, int, bool]:
         """(top, left, flip) of the crop window in an image of height x width (padded up to the crop)."""
         if not self.augment:
             return 0, 0, False
-        gen = keyed_generator(self.seed, index, "crop")
+        gen = keyed_generator(self.seed, index, "crop", visit)
         top = int(torch.randint(0, max(height - self.crop, 0) + 1, (1,), generator=gen))
         left = int(torch.randint(0, max(width - self.crop, 0) + 1, (1,), generator=gen))
         flip = bool(torch.rand(1, generator=gen) < 0.5)
         return top, left, flip
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Item ``i``, or ``(i, visit)``: the visit-th time image i is drawn (training epochs crop afresh)."""
+        i, visit = item if isinstance(item, tuple) else (item, 0)
         image, label = load_pair(self.pairs[i])
-        top, left, flip = self._window(i, *label.shape)
+        top, left, flip = self._window(i, *label.shape, visit=visit)
         image = image[top : top + self.crop, left : left + self.crop]
         label = label[top : top + self.crop, left : left + self.crop]
         h, w = label.shape
@@ -472,3 +474,29 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int
         persistent_workers=False,
         pin_memory=False,
     )
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Training order: a seeded permutation per epoch, yielding (index, epoch) so crops differ between epochs.
+
+    It starts at draw ``start`` (= steps done x batch size) so a resumed run sees exactly the remaining draws.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, total: int | None = None):
+        self.size, self.seed, self.start = size, seed, start
+        self.total = total
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.size, generator=keyed_generator(self.seed, epoch, "crop", 1)).tolist()
+
+    def __iter__(self):
+        draw, epoch, order = self.start, -1, []
+        while self.total is None or draw < self.total:
+            if draw // self.size != epoch:
+                epoch = draw // self.size
+                order = self.order(epoch)
+            yield (order[draw % self.size], epoch)
+            draw += 1
+
+    def __len__(self) -> int:
+        return max(0, (self.total or 0) - self.start)

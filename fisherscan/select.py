@@ -4,7 +4,8 @@ Every strategy is an ORDER over the candidate elements (Q, K, V, FFN by default,
 elements takes a prefix of that order, so the selected sets of a growing schedule only grow.
 
 - ``fim`` / ``delta`` / ``drfim``: descending by that score kind (Eq. 9 / Eq. 5 / Eq. 7), ties broken by a
-  fixed element order (parameters sorted by name, row-major inside each);
+  fixed element order (parameters sorted by name, row-major inside each); ``scores``: the same by ``kind``
+  (any kind in the file, default drfim);
 - ``random``: a seeded random permutation of the candidates; ``random-q`` / ``random-k`` / ``random-v``: the same
   among the Q (K, V) elements only (at most all of them);
 - ``full``: every backbone element; ``freeze``: none (the budget does not apply to either).
@@ -22,7 +23,7 @@ import torch
 
 from .groups import CANDIDATE_GROUPS, parameter_groups
 
-STRATEGIES = ("full", "freeze", "random", "random-q", "random-k", "random-v", "fim", "delta", "drfim")
+STRATEGIES = ("scores", "full", "freeze", "random", "random-q", "random-k", "random-v", "fim", "delta", "drfim")
 SCORE_STRATEGIES = ("fim", "delta", "drfim")
 
 
@@ -58,7 +59,8 @@ def candidate_elements(shapes: dict[str, torch.Size], groups_allowed: Iterable[s
 
 
 def selection_order(scores: dict[str, dict[str, torch.Tensor]], strategy: str,
-                    candidates: Iterable[str] = CANDIDATE_GROUPS, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+                    candidates: Iterable[str] = CANDIDATE_GROUPS, seed: int = 0,
+                    kind: str | None = None) -> tuple[list[str], torch.Tensor]:
     """The order in which ``strategy`` picks elements: (names in fixed order, flat element indices, best first).
 
     ``scores`` is a scores file's content by kind (``load_scores(...)[0]``); any kind gives the shapes.
@@ -74,8 +76,11 @@ def selection_order(scores: dict[str, dict[str, torch.Tensor]], strategy: str,
     if strategy == "freeze":
         return names, torch.zeros(0, dtype=torch.long)
     eligible = allowed.nonzero().squeeze(1)
-    if strategy in SCORE_STRATEGIES:
-        values = torch.cat([scores[strategy][name].reshape(-1).float() for name in names])[eligible]
+    if strategy in SCORE_STRATEGIES or strategy == "scores":
+        kind = strategy if strategy != "scores" else (kind or "drfim")
+        if kind not in scores:
+            raise ValueError(f"the scores hold no kind {kind!r}; they hold {', '.join(sorted(scores))}")
+        values = torch.cat([scores[kind][name].reshape(-1).float() for name in names])[eligible]
         order = torch.sort(values, descending=True, stable=True).indices
         return names, eligible[order]
     generator = torch.Generator().manual_seed(seed)
@@ -95,10 +100,10 @@ def mask_from_order(names: list[str], shapes: dict[str, torch.Size], order: torc
 
 
 def select_mask(scores: dict[str, dict[str, torch.Tensor]], count: int, candidates: Iterable[str] = CANDIDATE_GROUPS,
-                strategy: str = "drfim", seed: int = 0) -> dict[str, torch.Tensor]:
+                strategy: str = "drfim", seed: int = 0, kind: str | None = None) -> dict[str, torch.Tensor]:
     """Boolean mask per backbone parameter: the ``count`` elements ``strategy`` selects (all for ``full``, none
     for ``freeze``). Prefixes of one order, so a larger count selects a superset."""
-    names, order = selection_order(scores, strategy, candidates, seed)
+    names, order = selection_order(scores, strategy, candidates, seed, kind)
     shapes = {name: tensor.shape for name, tensor in next(iter(scores.values())).items()}
     if strategy == "full":
         count = order.numel()

@@ -8,6 +8,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fisherscan.segmenter import Segmenter
 
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to a busy machine's oversubscription
+
 
 def tiny_vit(depth: int = 2, embed_dim: int = 16, patch: int = 4, reg_tokens: int = 0) -> VisionTransformer:
     """A ViT with every part the Fisher rules must handle: conv patch embedding, cls (+ register) tokens,

@@ -1,39 +1,19 @@
-"""The ``fisherscan`` command line: each command parses options, calls one library function, prints."""
+"""``fisherscan score`` and ``fisherscan demo``."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from .errors import FisherscanError
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Fisher-guided robust tuning (FisherTune) of ViT foundation models for DG segmentation.")
-console = Console(stderr=True)
-stdout = Console()
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """A FisherscanError becomes one red line on stderr and exit code 2; never a traceback."""
-    try:
-        yield
-    except FisherscanError as error:
-        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from None
+from . import app, console, print_paths, stdout, user_errors
 
 
 def report_scores(result, out: Path) -> None:
     """Print the group table and save it as CSV beside the scores."""
-    from .report import group_summary, summary_table
+    from ..report import group_summary, summary_table
 
     frame = group_summary(result.scores)
     csv_path = out.with_name(out.name.removesuffix(".safetensors") + ".groups.csv")
@@ -44,13 +24,6 @@ def report_scores(result, out: Path) -> None:
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     print_paths(("scores", out), ("head", result.head_path), ("table", csv_path))
-
-
-def print_paths(*labelled: tuple[str, Path]) -> None:
-    """``label: path`` lines on stdout, verbatim: no markup, no highlighting, never wrapped (scripts parse them)."""
-    width = max(len(label) for label, _ in labelled) + 1
-    for label, path in labelled:
-        stdout.print(f"{label + ':':<{width}} {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -70,6 +43,12 @@ def score(
     warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up steps (Algorithm 1, step 1)"),
     warmup_lr: float = typer.Option(1e-3, "--warmup-lr"),
     labels: str = typer.Option("sampled", "--labels", help="sampled (true Fisher) or given (empirical)"),
+    estimator: str = typer.Option("diagonal", "--estimator", help="diagonal (exact Eq. 9) or variational (Eq. 10-15)"),
+    gamma: float = typer.Option(1.0, "--gamma", help="variational: KL weight (Eq. 11)"),
+    tau: float = typer.Option(1e-3, "--tau", help="variational: prior std around the pretrained weights (Eq. 10)"),
+    var_steps: int = typer.Option(500, "--var-steps", help="variational: optimisation steps T2 per precision"),
+    var_lr: float = typer.Option(0.0, "--var-lr", help="variational: step size (0: running average)"),
+    var_scale: Optional[float] = typer.Option(None, "--var-scale", help="variational: likelihood scale (default: images)"),
     perturb_at: int = typer.Option(0, "--perturb-at", help="block whose input tokens get Eq. 6"),
     normalize: bool = typer.Option(True, "--normalize/--literal", help="FISHERTUNE.md normalisation or the literal Eq. 7"),
     delta_eps: Optional[float] = typer.Option(None, "--delta-eps", help="Eq. 5 eps (default 1e-3 normalised, 1e-8 literal)"),
@@ -81,12 +60,14 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
-    from .scoring import ScoreConfig, run_score
+    from ..scoring import ScoreConfig, run_score
 
     with user_errors():
         config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, layout=layout,
                              split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder, head=head,
-                             warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, perturb_at=perturb_at,
+                             warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, estimator=estimator,
+                             gamma=gamma, tau=tau, var_steps=var_steps, var_lr=var_lr, var_scale=var_scale,
+                             perturb_at=perturb_at,
                              normalize=normalize, delta_eps=delta_eps, shift_weight=shift_weight, seed=seed,
                              device=device, workers=workers, chunk_size=chunk_size, overwrite=overwrite)
         report_scores(run_score(config, console), out)
@@ -100,14 +81,10 @@ def demo(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """The built-in default job: generate procedural scenes in 5 domains, score a small ViT on the source."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     with user_errors():
         result, scores_path = run_demo(out, images=images, seed=seed, device=device, console=console)
         report_scores(result, scores_path)
         stdout.print(f"data:   {out / 'data'} (domains: source, fog, night, colour, blur)", markup=False,
                      highlight=False, soft_wrap=True)
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    app()

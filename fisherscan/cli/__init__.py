@@ -1,0 +1,44 @@
+"""The ``fisherscan`` command line: each command parses options, calls one library function, prints.
+
+One module per command family (``score`` here registers score and demo); each registers on ``app``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import FisherscanError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Fisher-guided robust tuning (FisherTune) of ViT foundation models for DG segmentation.")
+console = Console(stderr=True)
+stdout = Console()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A FisherscanError becomes one red line on stderr and exit code 2; never a traceback."""
+    try:
+        yield
+    except FisherscanError as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def print_paths(*labelled: tuple[str, Path]) -> None:
+    """``label: path`` lines on stdout, verbatim: no markup, no highlighting, never wrapped (scripts parse them)."""
+    width = max(len(label) for label, _ in labelled) + 1
+    for label, path in labelled:
+        stdout.print(f"{label + ':':<{width}} {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+from . import score  # noqa: E402,F401  (registers its commands on app)

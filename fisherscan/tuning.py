@@ -1,0 +1,355 @@
+"""The ``tune`` recipe: Algorithm 1 step 3, masked segmentation fine-tuning from a scores file, written out plainly.
+
+1. Rebuild the backbone the scores were computed on, load the head ``score`` saved (or warm one up).
+2. Order the candidate elements by the strategy (``fisherscan.select``); at step t the first
+   floor(f(t) * total) of them are selected (Eq. 16 as decided), a set that only grows.
+3. Train the selected elements and the decoder with the segmentation loss (Eq. 1, mean pixel cross-entropy),
+   AdamW with poly decay; every other backbone element keeps its pretrained bits (``fisherscan.optim``).
+4. Save the run: ``model.safetensors`` (head + changed backbone parameters + their masks), ``manifest.json``
+   (every option, the base weights and their sha256), ``log.csv`` (loss, lr, selected fraction per step), and a
+   resumable ``checkpoint.safetensors`` every ``save_every`` steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .data import IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
+from .errors import FisherscanError
+from .fisher import upsample_logits
+from .groups import CANDIDATE_GROUPS, GROUPS
+from .models import build_backbone, sha256_of
+from .optim import MaskedAdamW, poly_lr
+from .scores import atomic_target, load_scores
+from .scoring import progress_bar, resolve_device, warm_up_decoder
+from .segmenter import Segmenter, load_head
+from .select import STRATEGIES, selected_count, selection_order
+
+@dataclass
+class TuneConfig:
+    """Every option of ``fisherscan tune``; the manifest records them all."""
+
+    scores: Path
+    model: str
+    data: Path
+    out: Path
+    weights: Path | None = None
+    random_init: bool = False
+    layout: str = "auto"
+    split: str = "train"
+    images: int | None = None
+    steps: int = 1000
+    batch_size: int = 8
+    accumulate: int = 1
+    crop: int = 512
+    strategy: str = "scores"
+    score_kind: str = "drfim"
+    candidates: tuple[str, ...] = CANDIDATE_GROUPS
+    delta_min: float = 0.01
+    delta_max: float = 0.05
+    schedule_t: float | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    power: float = 0.9
+    decoder: str = "linear"
+    head: Path | None = None
+    warmup_steps: int = 200
+    full_checkpoint: bool = False
+    resume: bool = False
+    save_every: int = 100
+    stop_after: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    overwrite: bool = False
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    manifest: dict
+    selected: int
+    total: int
+    log: list[dict] = field(default_factory=list)
+    finished: bool = True
+
+
+def check_config(config: TuneConfig) -> None:
+    if config.strategy not in STRATEGIES:
+        raise FisherscanError(f"--strategy {config.strategy}: use one of {', '.join(STRATEGIES)}")
+    unknown = [g for g in config.candidates if g not in GROUPS]
+    if unknown:
+        raise FisherscanError(f"--candidates {','.join(unknown)}: unknown group; use some of {', '.join(GROUPS)}")
+    if not 0 <= config.delta_min <= config.delta_max <= 1:
+        raise FisherscanError("--delta-min and --delta-max must satisfy 0 <= delta-min <= delta-max <= 1")
+    for option, value in (("--steps", config.steps), ("--batch-size", config.batch_size),
+                          ("--accumulate", config.accumulate), ("--save-every", config.save_every)):
+        if value < 1:
+            raise FisherscanError(f"{option} {value}: must be at least 1")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise FisherscanError(f"--out {out} is a file; pass a folder for the run")
+    finished = (out / "model.safetensors").exists()
+    if finished and not config.overwrite and not config.resume:
+        raise FisherscanError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another --out")
+    if config.resume and not (out / "checkpoint.safetensors").exists():
+        raise FisherscanError(f"--resume: {out} has no checkpoint.safetensors; start without --resume")
+
+
+def check_scores_match(scores: dict, metadata: dict, backbone: torch.nn.Module, path: Path) -> None:
+    """The scores must hold every backbone parameter with its shape."""
+    kind = next(iter(scores.values()))
+    own = {name: p.shape for name, p in backbone.named_parameters()}
+    missing = sorted(set(own) - set(kind))
+    wrong = sorted(n for n in set(own) & set(kind) if kind[n].shape != own[n])
+    if missing or wrong:
+        listed = ", ".join((missing + wrong)[:3])
+        raise FisherscanError(f"--scores {path} does not match --model (scored: {metadata.get('model')}; "
+                              f"{len(missing)} missing, {len(wrong)} wrong shapes: {listed}); score this model first")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    with atomic_target(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"fisherscan_run": json.dumps(info, sort_keys=True)})
+
+
+def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
+    """Run the whole ``tune`` job into ``config.out`` (a folder)."""
+    check_config(config)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    scores, score_meta = load_scores(config.scores)
+    layout, pairs = find_pairs(config.data, config.layout, config.split)
+    pairs = select_images(pairs, config.images, config.seed)
+    validate_pairs(pairs)
+    backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init)
+    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
+    check_scores_match(scores, score_meta, segmenter.backbone, config.scores)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    mean, std = backbone.model.pretrained_cfg.get("mean"), backbone.model.pretrained_cfg.get("std")
+    dataset = SegmentationDataset(pairs, config.crop, pad_multiple=backbone.patch_size, seed=config.seed,
+                                  **({"mean": mean, "std": std} if mean and std else {}))
+    autocast = device.type == "cuda"
+
+    # selection order, the flat mask whose prefix grows, and per-parameter views into it
+    try:
+        names, order = selection_order(scores, config.strategy, config.candidates, config.seed, config.score_kind)
+    except ValueError as error:
+        raise FisherscanError(f"--strategy {config.strategy} / --score-kind {config.score_kind}: {error}") from None
+    params = dict(segmenter.backbone.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    sizes = [params[n].numel() for n in names]
+    flat_mask = torch.zeros(total, dtype=torch.bool, device=device)
+    masks = dict(zip(names, (piece.view(params[n].shape) for n, piece in zip(names, flat_mask.split(sizes)))))
+
+    def count_at(step: int) -> int:
+        if config.strategy == "full":
+            return order.numel()
+        if config.strategy == "freeze":
+            return 0
+        # updates 0 .. steps-1: the first uses delta_min, the last delta_max exactly
+        return min(order.numel(), selected_count(step, config.steps - 1, total, config.delta_min, config.delta_max,
+                                                 config.schedule_t))
+
+    final_count = count_at(config.steps - 1)
+    final_mask = torch.zeros(total, dtype=torch.bool)
+    final_mask[order[:final_count]] = True
+    touched = [n for n, piece in zip(names, final_mask.split(sizes)) if piece.any()]
+    for name, p in params.items():
+        p.requires_grad_(name in touched)
+    backbone_opt = MaskedAdamW({n: params[n] for n in touched}, masks, weight_decay=config.weight_decay)
+    decoder_params = dict(segmenter.decoder.named_parameters())
+    decoder_opt = MaskedAdamW(decoder_params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in decoder_params.items()},
+                              weight_decay=config.weight_decay)
+
+    manifest = {
+        "fisherscan_version": __version__, "kind": "tune-run",
+        "model": config.model, "timm_architecture": backbone.timm_name, "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256, "random_init": backbone.random_init,
+        "scores": str(config.scores), "scores_model": score_meta.get("model"),
+        "data": {"path": str(config.data), "layout": layout, "split": config.split, "images": len(pairs)},
+        "selection": {"strategy": config.strategy, "score_kind": config.score_kind, "candidates": list(config.candidates),
+                      "total_backbone_elements": total, "final_selected": final_count,
+                      "schedule": "f(t) = dmin + (dmax - dmin) (1 - exp(-t/T)) / (1 - exp(-T3/T)), T = T3/3 default"},
+        "optimizer": {"name": "AdamW, masked (unselected elements bit-identical)", "lr": config.lr,
+                      "weight_decay": config.weight_decay, "poly_power": config.power},
+        "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop,
+        "options": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                    for k, v in dataclasses.asdict(config).items()},
+    }
+
+    start_step, log_rows = 0, []
+    checkpoint_path = out / "checkpoint.safetensors"
+    with progress_bar(console) as progress:
+        if config.resume:
+            start_step, log_rows = restore_checkpoint(checkpoint_path, segmenter, backbone_opt, decoder_opt, touched,
+                                                      manifest)
+        else:
+            head_path = config.head or (Path(score_meta["head"]) if score_meta.get("head") else None)
+            if head_path is not None and Path(head_path).is_file():
+                load_head(head_path, segmenter)
+                manifest["head"] = str(head_path)
+            else:
+                warm_loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+                                                          num_workers=config.workers)
+                frozen = [p for p in segmenter.backbone.parameters() if p.requires_grad]
+                for p in frozen:
+                    p.requires_grad_(False)
+                warm_up_decoder(segmenter, warm_loader, config.warmup_steps, 1e-3, device, autocast, progress)
+                for p in frozen:
+                    p.requires_grad_(True)
+                manifest["head"] = f"warmed up for {config.warmup_steps} steps"
+        flat_mask[order[:count_at(start_step)]] = True
+
+        draws_per_step = config.batch_size * config.accumulate
+        sampler = EpochSampler(len(dataset), config.seed, start=start_step * draws_per_step,
+                               total=config.steps * draws_per_step)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                             num_workers=config.workers)
+        task = progress.add_task("tune", total=config.steps, completed=start_step, rate="")
+        step, micro, running = start_step, 0, 0.0
+        for x, y, _ in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = segmenter(x)
+            loss = F.cross_entropy(upsample_logits(logits.float(), tuple(y.shape[-2:])), y, ignore_index=IGNORE_INDEX)
+            (loss / config.accumulate).backward()
+            running += loss.item() / config.accumulate
+            micro += 1
+            if micro < config.accumulate:
+                continue
+            lr = poly_lr(config.lr, step, config.steps, config.power)
+            flat_mask[order[:count_at(step)]] = True  # Eq. 16: the selection for this step (only grows)
+            backbone_opt.step(lr)
+            decoder_opt.step(lr)
+            backbone_opt.zero_grad()
+            decoder_opt.zero_grad()
+            selected = int(flat_mask.sum())
+            log_rows.append({"step": step + 1, "loss": running, "lr": lr, "selected": selected,
+                             "selected_fraction": selected / total})
+            step, micro, running = step + 1, 0, 0.0
+            progress.update(task, advance=1, rate=f"loss {log_rows[-1]['loss']:.3f} sel {selected / total:.2%}")
+            if step == config.stop_after and step < config.steps:  # a planned stop: resumable, not finished
+                save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows,
+                                manifest)
+                return TuneResult(run_dir=out, manifest=manifest, selected=int(flat_mask.sum()), total=total,
+                                  log=log_rows, finished=False)
+            if step % config.save_every == 0 and step < config.steps:
+                save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows,
+                                manifest)
+
+    write_log(out / "log.csv", log_rows)
+    selected = int(flat_mask.sum())
+    manifest["trainable"] = {"backbone_elements": selected, "backbone_fraction": selected / total,
+                             "decoder_parameters": sum(p.numel() for p in decoder_params.values())}
+    save_run(out, segmenter, masks, touched, manifest, config.full_checkpoint)
+    save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows, manifest)
+    return TuneResult(run_dir=out, manifest=manifest, selected=selected, total=total, log=log_rows)
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_target(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "loss", "lr", "selected", "selected_fraction"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def save_run(out: Path, segmenter: Segmenter, masks: dict, touched: list[str], manifest: dict, full: bool) -> None:
+    """model.safetensors: decoder/*, backbone/* (touched parameters, or all with ``full``), mask/* (uint8)."""
+    backbone = dict(segmenter.backbone.named_parameters())
+    tensors = {f"decoder/{n}": p for n, p in segmenter.decoder.state_dict().items()}
+    for name in (backbone if full else touched):
+        tensors[f"backbone/{name}"] = backbone[name]
+    for name in touched:
+        tensors[f"mask/{name}"] = masks[name].to(torch.uint8)
+    save_tensors(out / "model.safetensors", tensors, manifest)
+    with atomic_target(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def save_checkpoint(path: Path, step: int, segmenter: Segmenter, backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW,
+                    touched: list[str], log_rows: list[dict], manifest: dict) -> None:
+    """Everything a resumed run needs, in one safetensors file (tensors) with JSON metadata (scalars)."""
+    backbone = dict(segmenter.backbone.named_parameters())
+    tensors = {f"backbone/{n}": backbone[n] for n in touched}
+    tensors.update({f"decoder/{n}": p for n, p in segmenter.decoder.state_dict().items()})
+    for prefix, optimizer in (("opt_backbone", backbone_opt), ("opt_decoder", decoder_opt)):
+        for name in optimizer.params:
+            tensors[f"{prefix}_m/{name}"] = optimizer.exp_avg[name]
+            tensors[f"{prefix}_v/{name}"] = optimizer.exp_avg_sq[name]
+    save_tensors(path, tensors, {"step": step, "log": log_rows, "options": manifest["options"],
+                                 "optimizer_steps": [backbone_opt.step_count, decoder_opt.step_count]})
+
+
+def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW,
+                       touched: list[str], manifest: dict) -> tuple[int, list[dict]]:
+    with safe_open(str(path), "pt") as handle:
+        info = json.loads(handle.metadata()["fisherscan_run"])
+    free = ("resume", "overwrite", "workers", "device", "stop_after")  # options that may change between runs
+    same = {k: v for k, v in info["options"].items() if k not in free}
+    now = {k: v for k, v in manifest["options"].items() if k not in free}
+    if same != now:
+        changed = sorted(k for k in now if same.get(k) != now[k])
+        raise FisherscanError(f"--resume: the checkpoint in {path.parent} was made with other options "
+                              f"({', '.join(changed[:4])}); use the same options or start afresh")
+    tensors = load_file(str(path))
+    backbone = dict(segmenter.backbone.named_parameters())
+    with torch.no_grad():
+        for name in touched:
+            backbone[name].copy_(tensors[f"backbone/{name}"])
+        segmenter.decoder.load_state_dict({n[len("decoder/"):]: v for n, v in tensors.items() if n.startswith("decoder/")})
+    for prefix, optimizer, steps in (("opt_backbone", backbone_opt, info["optimizer_steps"][0]),
+                                     ("opt_decoder", decoder_opt, info["optimizer_steps"][1])):
+        optimizer.load_state_dict({"exp_avg": {n: tensors[f"{prefix}_m/{n}"] for n in optimizer.params},
+                                   "exp_avg_sq": {n: tensors[f"{prefix}_v/{n}"] for n in optimizer.params},
+                                   "step": steps})
+    return int(info["step"]), list(info["log"])
+
+
+def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
+    """Rebuild a tuned model from a run folder: the base backbone (its weights checked by sha256), the changed
+    backbone parameters and the head."""
+    run_dir = Path(run_dir)
+    model_path = run_dir / "model.safetensors"
+    if not model_path.is_file():
+        raise FisherscanError(f"--checkpoint {run_dir}: no model.safetensors; pass a folder written by 'fisherscan tune'")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    base = weights if weights is not None else (Path(manifest["weights"]) if manifest.get("weights") and
+                                                 manifest["weights"] != "timm-pretrained" else None)
+    if base is not None and not Path(base).is_file():
+        raise FisherscanError(f"the run's base weights {base} are missing; pass --weights FILE")
+    if base is not None and manifest.get("weights_sha256") and sha256_of(Path(base)) != manifest["weights_sha256"]:
+        raise FisherscanError(f"--weights {base}: sha256 differs from the weights the run was tuned from "
+                              f"({manifest['weights_sha256'][:12]}...); pass the original file")
+    backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False))
+    segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"])
+    tensors = load_file(str(model_path))
+    own = dict(segmenter.backbone.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            kind, _, name = key.partition("/")
+            if kind == "backbone":
+                own[name].copy_(value)
+        segmenter.decoder.load_state_dict({k[len("decoder/"):]: v for k, v in tensors.items() if k.startswith("decoder/")})
+    return segmenter.to(device).eval(), manifest
+
+
+def trainable_summary(result: TuneResult) -> str:
+    return (f"{result.selected:,} of {result.total:,} backbone elements tuned "
+            f"({result.selected / max(result.total, 1):.2%}), decoder "
+            f"{result.manifest['trainable']['decoder_parameters']:,} parameters")
