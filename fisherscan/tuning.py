@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,6 +337,7 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     if base is not None and manifest.get("weights_sha256") and sha256_of(Path(base)) != manifest["weights_sha256"]:
         raise FisherscanError(f"--weights {base}: sha256 differs from the weights the run was tuned from "
                               f"({manifest['weights_sha256'][:12]}...); pass the original file")
+    torch.manual_seed(manifest["options"]["seed"])  # an untrained base is rebuilt from the run's seed
     backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False))
     segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"])
     tensors = load_file(str(model_path))
@@ -347,6 +349,35 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
                 own[name].copy_(value)
         segmenter.decoder.load_state_dict({k[len("decoder/"):]: v for k, v in tensors.items() if k.startswith("decoder/")})
     return segmenter.to(device).eval(), manifest
+
+
+def write_mask(scores_path: Path, out: Path, budget: float, strategy: str, score_kind: str,
+               candidates: tuple[str, ...], seed: int, overwrite: bool) -> tuple[int, int]:
+    """``fisherscan mask``: the selection of ``budget`` x all backbone elements as uint8 tensors ``mask/<param>``."""
+    from .select import mask_from_order
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FisherscanError(f"--out {out} exists; pass --overwrite to replace it")
+    if not str(out).endswith(".safetensors"):
+        raise FisherscanError(f"--out {out}: name the mask file <name>.safetensors")
+    unknown = [g for g in candidates if g not in GROUPS]
+    if unknown or strategy not in STRATEGIES:
+        raise FisherscanError(f"--candidates/--strategy: unknown {', '.join(unknown) or strategy}; groups are "
+                              f"{', '.join(GROUPS)}, strategies {', '.join(STRATEGIES)}")
+    scores, metadata = load_scores(scores_path)
+    try:
+        names, order = selection_order(scores, strategy, candidates, seed, score_kind)
+    except ValueError as error:
+        raise FisherscanError(f"--score-kind {score_kind}: {error}") from None
+    shapes = {n: t.shape for n, t in next(iter(scores.values())).items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    count = order.numel() if strategy == "full" else min(order.numel(), math.floor(budget * total))
+    masks = mask_from_order(names, shapes, order, count)
+    info = {"scores": str(scores_path), "model": metadata.get("model"), "budget": budget, "strategy": strategy,
+            "score_kind": score_kind, "candidates": list(candidates), "seed": seed, "selected": count, "total": total}
+    save_tensors(out, {f"mask/{n}": m.to(torch.uint8) for n, m in masks.items()}, info)
+    return count, total
 
 
 def trainable_summary(result: TuneResult) -> str:

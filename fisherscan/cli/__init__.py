@@ -42,3 +42,4 @@ def print_paths(*labelled: tuple[str, Path]) -> None:
 
 
 from . import score  # noqa: E402,F401  (registers its commands on app)
+from . import tune  # noqa: E402,F401

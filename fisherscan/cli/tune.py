@@ -1,0 +1,103 @@
+"""``fisherscan tune`` (masked fine-tuning from scores) and ``fisherscan mask`` (a selection for other trainers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..groups import CANDIDATE_GROUPS
+from . import app, print_paths, stdout, user_errors, console
+
+
+def parse_fraction(text: str, option: str) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    from ..errors import FisherscanError
+
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise FisherscanError(f"{option} {text}: pass a fraction like 0.05 or 5%") from None
+    if not 0 <= value <= 1:
+        raise FisherscanError(f"{option} {text}: must lie between 0 and 1 (0% and 100%)")
+    return value
+
+
+@app.command()
+def tune(
+    scores: Path = typer.Option(..., "--scores", help="scores file from 'fisherscan score'"),
+    model: str = typer.Option(..., "--model", help="the model the scores were computed on"),
+    data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
+    out: Path = typer.Option(..., "--out", help="run folder to write"),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    random_init: bool = typer.Option(False, "--random-init"),
+    layout: str = typer.Option("auto", "--layout"),
+    split: str = typer.Option("train", "--split"),
+    images: Optional[int] = typer.Option(None, "--images"),
+    steps: int = typer.Option(1000, "--steps", help="fine-tuning steps T3"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    accumulate: int = typer.Option(1, "--accumulate", help="gradient accumulation: batches per step"),
+    crop: int = typer.Option(512, "--crop"),
+    strategy: str = typer.Option("scores", "--strategy",
+                                 help="scores (by --score-kind), fim, delta, drfim, random, random-q/k/v, full, freeze"),
+    score_kind: str = typer.Option("drfim", "--score-kind", help="score kind that ranks elements"),
+    candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates", help="groups to select from"),
+    delta_min: str = typer.Option("1%", "--delta-min", help="selected fraction of all backbone parameters at the start"),
+    delta_max: str = typer.Option("5%", "--delta-max", help="... at the end (Eq. 16)"),
+    schedule_t: Optional[float] = typer.Option(None, "--schedule-T", help="Eq. 16 time constant (default steps/3)"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    decoder: str = typer.Option("linear", "--decoder"),
+    head: Optional[Path] = typer.Option(None, "--head", help="head to start from (default: the one beside the scores)"),
+    warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up when no head is found"),
+    full_checkpoint: bool = typer.Option(False, "--full-checkpoint", help="save the whole backbone"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run folder's checkpoint"),
+    save_every: int = typer.Option(100, "--save-every", help="steps between resumable checkpoints"),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after N steps, resumable"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    workers: int = typer.Option(2, "--workers"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
+    from ..tuning import TuneConfig, run_tune, trainable_summary
+
+    with user_errors():
+        config = TuneConfig(
+            scores=scores, model=model, data=data, out=out, weights=weights, random_init=random_init, layout=layout,
+            split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
+            strategy=strategy, score_kind=score_kind, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
+            delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
+            schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder, head=head,
+            warmup_steps=warmup_steps, full_checkpoint=full_checkpoint, resume=resume, save_every=save_every,
+            stop_after=stop_after, seed=seed, device=device, workers=workers, overwrite=overwrite)
+        result = run_tune(config, console)
+        if not result.finished:
+            stdout.print(f"stopped after step {len(result.log)} as asked; continue with --resume", markup=False)
+            print_paths(("checkpoint", out / "checkpoint.safetensors"))
+            return
+        stdout.print(trainable_summary(result), markup=False)
+        print_paths(("model", out / "model.safetensors"), ("manifest", out / "manifest.json"), ("log", out / "log.csv"))
+
+
+@app.command()
+def mask(
+    scores: Path = typer.Option(..., "--scores"),
+    out: Path = typer.Option(..., "--out", help="mask file (.safetensors), tensors mask/<param> as uint8"),
+    budget: str = typer.Option("5%", "--budget", help="fraction of all backbone parameters to select"),
+    strategy: str = typer.Option("scores", "--strategy"),
+    score_kind: str = typer.Option("drfim", "--score-kind"),
+    candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write the selection for a budget as a safetensors mask, for use in other trainers."""
+    from ..tuning import write_mask
+
+    with user_errors():
+        selected, total = write_mask(scores, out, parse_fraction(budget, "--budget"), strategy, score_kind,
+                                     tuple(c.strip() for c in candidates.split(",") if c.strip()), seed, overwrite)
+        stdout.print(f"{selected:,} of {total:,} backbone elements selected ({selected / max(total, 1):.2%})",
+                     markup=False)
+        print_paths(("mask", out))
