@@ -161,19 +161,19 @@ def warm_up_decoder(segmenter: Segmenter, loader, steps: int, lr: float, device:
     loss_value = float("nan")
     per_pass = len(loader)
     reuse = steps > per_pass and len(loader.dataset) <= reuse_limit
-    kept: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []
+    kept: list[tuple[tuple, torch.Tensor]] = []
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     for step in range(steps):
         if reuse and step >= per_pass:
-            tokens, grid, y = kept[step % per_pass]
+            features, y = kept[step % per_pass]
         else:
             x, y, _ = next(batches)
             x, y = x.to(device), y.to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                tokens, grid = segmenter.features(x)
+                features = segmenter.features(x)
             if reuse:
-                kept.append((tokens, grid, y))
-        logits = upsample_logits(segmenter.decoder(tokens.float(), grid), tuple(y.shape[-2:]))
+                kept.append((features, y))
+        logits = upsample_logits(segmenter.decode(features), tuple(y.shape[-2:]))
         loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -353,8 +353,8 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
     groups = parameter_groups(segmenter.backbone.named_parameters())
     candidates = candidate_names(groups)
 
-    def strip(by_name: dict) -> dict:
-        return {name.removeprefix("backbone."): value for name, value in by_name.items()}
+    def strip(by_name: dict) -> dict:  # backbone names, on the CPU
+        return {name.removeprefix("backbone."): value.cpu() for name, value in by_name.items()}
 
     scores, terms = combine(strip(f_clean), strip(f_shift), magnitude, config, candidates)
     if config.estimator == "variational":

@@ -1,8 +1,12 @@
 """The segmentation model whose Fisher information is scored: a ViT backbone plus a decoder head.
 
-``Segmenter(x)`` returns logits (B, classes, h, w) on the patch grid; losses upsample them bilinearly to
-the label size. The ``linear`` decoder normalises each patch token of the last block (LayerNorm) and
-applies a 1x1 classifier -- the smallest head that makes the backbone's features a segmentation model.
+``Segmenter(x)`` returns logits (B, classes, h, w); losses upsample them bilinearly to the label size.
+
+- ``linear``: normalises each patch token of the last block (LayerNorm) and applies a 1x1 classifier, on the patch
+  grid -- the smallest head that makes the backbone's features a segmentation model.
+- ``multilevel``: patch tokens of 4 evenly spaced blocks, a simple feature pyramid (strides 4, 8, 16, 32 for
+  patch 16: x4, x2, x1, x0.5 of the patch grid, as ViTDet/Rein), each projected to 128 channels, upsampled to the
+  finest level and summed, then a 3x3 conv + GroupNorm + GELU fusion and a 1x1 classifier; logits at 4x the grid.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from .errors import FisherscanError
 
-DECODERS = ("linear",)
+DECODERS = ("linear", "multilevel")
 
 
 class LinearDecoder(nn.Module):
@@ -32,6 +36,35 @@ class LinearDecoder(nn.Module):
         return logits.transpose(1, 2).reshape(logits.shape[0], -1, *grid)
 
 
+def evenly_spaced_blocks(depth: int, count: int = 4) -> list[int]:
+    """Block indices at the ends of ``count`` equal stages: depth 12 -> [2, 5, 8, 11], 24 -> [5, 11, 17, 23]."""
+    return [depth * (i + 1) // count - 1 for i in range(count)]
+
+
+class MultiLevelDecoder(nn.Module):
+    """A simple feature pyramid over 4 blocks' patch-token maps and a light fusion head."""
+
+    def __init__(self, embed_dim: int, num_classes: int, blocks: list[int], channels: int = 128):
+        super().__init__()
+        self.blocks = list(blocks)
+        self.resample = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(embed_dim, embed_dim, 2, stride=2), nn.GELU(),
+                          nn.ConvTranspose2d(embed_dim, channels, 2, stride=2)),  # x4
+            nn.ConvTranspose2d(embed_dim, channels, 2, stride=2),  # x2
+            nn.Conv2d(embed_dim, channels, 1),  # x1
+            nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(embed_dim, channels, 1)),  # x0.5
+        ])
+        self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.GELU())
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        levels = [resample(m) for resample, m in zip(self.resample, maps)]
+        size = levels[0].shape[-2:]
+        fused = sum(nn.functional.interpolate(level, size=size, mode="bilinear", align_corners=False)
+                    if level.shape[-2:] != size else level for level in levels)
+        return self.classifier(self.fuse(fused))
+
+
 class Segmenter(nn.Module):
     """Backbone + decoder. The input's sides must be multiples of the patch size (the data pipeline pads)."""
 
@@ -41,18 +74,35 @@ class Segmenter(nn.Module):
             raise FisherscanError(f"--decoder {decoder}: unknown decoder; use one of {', '.join(DECODERS)}")
         self.backbone = backbone
         self.decoder_name = decoder
-        self.decoder = LinearDecoder(backbone.embed_dim, num_classes)
+        if decoder == "linear":
+            self.decoder = LinearDecoder(backbone.embed_dim, num_classes)
+        else:
+            if not hasattr(backbone, "forward_intermediates"):
+                raise FisherscanError("--decoder multilevel needs a timm backbone with forward_intermediates")
+            self.decoder = MultiLevelDecoder(backbone.embed_dim, num_classes, evenly_spaced_blocks(len(backbone.blocks)))
 
     @property
     def patch_size(self) -> int:
         size = self.backbone.patch_embed.patch_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch tokens (B, N, D) of the last block (after the final norm) and their grid (h, w)."""
+    def features(self, x: torch.Tensor) -> tuple:
+        """What the decoder reads: (patch tokens (B, N, D) of the last block after the final norm, grid (h, w))
+        for ``linear``; (list of 4 block maps (B, D, h, w),) for ``multilevel``."""
+        if self.decoder_name == "multilevel":
+            return (self.backbone.forward_intermediates(x, indices=self.decoder.blocks, intermediates_only=True),)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.backbone.forward_features(x)
         return tokens[:, self.backbone.num_prefix_tokens:], grid
+
+    def decode(self, features: tuple) -> torch.Tensor:
+        """The decoder on ``features(x)`` computed elsewhere (e.g. without gradients, in bf16): fp32 logits."""
+        def as_float(value):
+            if isinstance(value, torch.Tensor):
+                return value.float()
+            return [as_float(v) for v in value] if isinstance(value, list) else value
+
+        return self.decoder(*(as_float(f) for f in features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(*self.features(x))

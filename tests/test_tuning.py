@@ -130,3 +130,13 @@ def test_scores_of_another_model_are_refused(scores_file, source, tmp_path):
                                       "--random-init", "--data", str(source), "--out", str(tmp_path / "r"),
                                       "--crop", "32", "--workers", "0"])
     assert result.exit_code == 2 and "does not match --model" in result.output
+
+
+def test_multilevel_decoder_run_reloads_identically(scores_file, source, tmp_path):
+    run_tune(config(scores_file, source, tmp_path / "run", steps=2, decoder="multilevel"))
+    tuned, manifest = load_run(tmp_path / "run")
+    assert manifest["decoder"] == "multilevel"
+    again, _ = load_run(tmp_path / "run")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tuned(x), again(x)) and tuned(x).shape == (1, 19, 8, 8)
