@@ -479,12 +479,15 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int
 class EpochSampler(torch.utils.data.Sampler):
     """Training order: a seeded permutation per epoch, yielding (index, epoch) so crops differ between epochs.
 
-    It starts at draw ``start`` (= steps done x batch size) so a resumed run sees exactly the remaining draws.
+    It starts at draw ``start`` (= steps done x global batch size) so a resumed run sees exactly the remaining
+    draws. With ``shard=(rank, world)`` a rank takes the draws rank, rank + world, ... of that one sequence.
     """
 
-    def __init__(self, size: int, seed: int, start: int = 0, total: int | None = None):
+    def __init__(self, size: int, seed: int, start: int = 0, total: int | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         self.size, self.seed, self.start = size, seed, start
         self.total = total
+        self.rank, self.world = shard
 
     def order(self, epoch: int) -> list[int]:
         return torch.randperm(self.size, generator=keyed_generator(self.seed, epoch, "crop", 1)).tolist()
@@ -495,8 +498,9 @@ class EpochSampler(torch.utils.data.Sampler):
             if draw // self.size != epoch:
                 epoch = draw // self.size
                 order = self.order(epoch)
-            yield (order[draw % self.size], epoch)
+            if draw % self.world == self.rank:
+                yield (order[draw % self.size], epoch)
             draw += 1
 
     def __len__(self) -> int:
-        return max(0, (self.total or 0) - self.start)
+        return len(range(self.start + (self.rank - self.start) % self.world, self.total or 0, self.world))

@@ -25,7 +25,7 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, distributed
 from .data import IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
 from .errors import FisherscanError
 from .fisher import upsample_logits
@@ -129,7 +129,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> No
 def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     """Run the whole ``tune`` job into ``config.out`` (a folder)."""
     check_config(config)
-    device = resolve_device(config.device)
+    ranks, device = distributed.setup(resolve_device(config.device))
+    console = console if ranks.main else None
     torch.manual_seed(config.seed)
     scores, score_meta = load_scores(config.scores)
     layout, pairs = find_pairs(config.data, config.layout, config.split)
@@ -188,7 +189,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
                       "schedule": "f(t) = dmin + (dmax - dmin) (1 - exp(-t/T)) / (1 - exp(-T3/T)), T = T3/3 default"},
         "optimizer": {"name": "AdamW, masked (unselected elements bit-identical)", "lr": config.lr,
                       "weight_decay": config.weight_decay, "poly_power": config.power},
-        "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop,
+        "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop, "world_size": ranks.world,
         "options": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
                     for k, v in dataclasses.asdict(config).items()},
     }
@@ -216,17 +217,21 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
                 manifest["head"] = f"warmed up for {config.warmup_steps} steps"
         flat_mask[order[:count_at(start_step)]] = True
 
-        draws_per_step = config.batch_size * config.accumulate
+        draws_per_step = config.batch_size * config.accumulate * ranks.world  # the global batch of one step
         sampler = EpochSampler(len(dataset), config.seed, start=start_step * draws_per_step,
-                               total=config.steps * draws_per_step)
+                               total=config.steps * draws_per_step, shard=(ranks.rank, ranks.world))
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                                              num_workers=config.workers)
+        forward = segmenter
+        if ranks.world > 1:  # gradients averaged over ranks; masks and optimizer steps are the same on every rank
+            forward = torch.nn.parallel.DistributedDataParallel(
+                segmenter, device_ids=[device.index] if device.type == "cuda" else None)
         task = progress.add_task("tune", total=config.steps, completed=start_step, rate="")
         step, micro, running = start_step, 0, 0.0
         for x, y, _ in loader:
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = segmenter(x)
+                logits = forward(x)
             loss = F.cross_entropy(upsample_logits(logits.float(), tuple(y.shape[-2:])), y, ignore_index=IGNORE_INDEX)
             (loss / config.accumulate).backward()
             running += loss.item() / config.accumulate
@@ -240,25 +245,30 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
             backbone_opt.zero_grad()
             decoder_opt.zero_grad()
             selected = int(flat_mask.sum())
+            running = distributed.mean_over_ranks(running, ranks, device)
             log_rows.append({"step": step + 1, "loss": running, "lr": lr, "selected": selected,
                              "selected_fraction": selected / total})
             step, micro, running = step + 1, 0, 0.0
             progress.update(task, advance=1, rate=f"loss {log_rows[-1]['loss']:.3f} sel {selected / total:.2%}")
-            if step == config.stop_after and step < config.steps:  # a planned stop: resumable, not finished
+            stopping = step == config.stop_after and step < config.steps  # a planned stop: resumable, unfinished
+            if ranks.main and (stopping or (step % config.save_every == 0 and step < config.steps)):
                 save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows,
                                 manifest)
+            if stopping:
+                distributed.barrier(ranks)
+                distributed.teardown(ranks)
                 return TuneResult(run_dir=out, manifest=manifest, selected=int(flat_mask.sum()), total=total,
                                   log=log_rows, finished=False)
-            if step % config.save_every == 0 and step < config.steps:
-                save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows,
-                                manifest)
 
-    write_log(out / "log.csv", log_rows)
     selected = int(flat_mask.sum())
     manifest["trainable"] = {"backbone_elements": selected, "backbone_fraction": selected / total,
                              "decoder_parameters": sum(p.numel() for p in decoder_params.values())}
-    save_run(out, segmenter, masks, touched, manifest, config.full_checkpoint)
-    save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows, manifest)
+    if ranks.main:  # one writer
+        write_log(out / "log.csv", log_rows)
+        save_run(out, segmenter, masks, touched, manifest, config.full_checkpoint)
+        save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows, manifest)
+    distributed.barrier(ranks)
+    distributed.teardown(ranks)
     return TuneResult(run_dir=out, manifest=manifest, selected=selected, total=total, log=log_rows)
 
 
@@ -329,7 +339,10 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     model_path = run_dir / "model.safetensors"
     if not model_path.is_file():
         raise FisherscanError(f"--checkpoint {run_dir}: no model.safetensors; pass a folder written by 'fisherscan tune'")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise FisherscanError(f"--checkpoint {run_dir}: manifest.json is missing or damaged; tune again") from None
     base = weights if weights is not None else (Path(manifest["weights"]) if manifest.get("weights") and
                                                  manifest["weights"] != "timm-pretrained" else None)
     if base is not None and not Path(base).is_file():
@@ -337,8 +350,9 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     if base is not None and manifest.get("weights_sha256") and sha256_of(Path(base)) != manifest["weights_sha256"]:
         raise FisherscanError(f"--weights {base}: sha256 differs from the weights the run was tuned from "
                               f"({manifest['weights_sha256'][:12]}...); pass the original file")
-    torch.manual_seed(manifest["options"]["seed"])  # an untrained base is rebuilt from the run's seed
-    backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False))
+    with torch.random.fork_rng(devices=[]):  # an untrained base is rebuilt from the run's seed
+        torch.manual_seed(manifest["options"]["seed"])
+        backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False))
     segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"])
     tensors = load_file(str(model_path))
     own = dict(segmenter.backbone.named_parameters())
