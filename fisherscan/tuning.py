@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, distributed
 from .data import IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
 from .errors import FisherscanError
+from .evaluate import evaluate_datasets, prepare_datasets, save_results
 from .fisher import upsample_logits
 from .groups import CANDIDATE_GROUPS, GROUPS
 from .models import build_backbone, sha256_of
@@ -70,6 +71,12 @@ class TuneConfig:
     resume: bool = False
     save_every: int = 100
     stop_after: int | None = None
+    eval: tuple[Path, ...] = ()
+    eval_every: int = 0
+    eval_layout: str = "auto"
+    eval_split: str = "val"
+    eval_crop: int | None = None
+    eval_stride: int | None = None
     seed: int = 0
     device: str = "auto"
     workers: int = 2
@@ -84,6 +91,16 @@ class TuneResult:
     total: int
     log: list[dict] = field(default_factory=list)
     finished: bool = True
+    evaluation: object | None = None  # fisherscan.evaluate.EvalResult of the final model, with --eval
+
+
+def as_json(value):
+    """Options as JSON values: paths as strings, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [as_json(v) for v in value]
+    return value
 
 
 def check_config(config: TuneConfig) -> None:
@@ -139,6 +156,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init)
     segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
     check_scores_match(scores, score_meta, segmenter.backbone, config.scores)
+    targets = prepare_datasets(list(config.eval), config.eval_layout, config.eval_split) if config.eval else []
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -190,8 +208,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
         "optimizer": {"name": "AdamW, masked (unselected elements bit-identical)", "lr": config.lr,
                       "weight_decay": config.weight_decay, "poly_power": config.power},
         "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop, "world_size": ranks.world,
-        "options": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                    for k, v in dataclasses.asdict(config).items()},
+        "options": {k: as_json(v) for k, v in dataclasses.asdict(config).items()},
     }
 
     start_step, log_rows = 0, []
@@ -254,6 +271,8 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
             if ranks.main and (stopping or (step % config.save_every == 0 and step < config.steps)):
                 save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows,
                                 manifest)
+            if targets and ranks.main and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                evaluate_run(segmenter, targets, config, device, progress, out, f"step{step}")
             if stopping:
                 distributed.barrier(ranks)
                 distributed.teardown(ranks)
@@ -263,13 +282,29 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     selected = int(flat_mask.sum())
     manifest["trainable"] = {"backbone_elements": selected, "backbone_fraction": selected / total,
                              "decoder_parameters": sum(p.numel() for p in decoder_params.values())}
+    evaluation = None
     if ranks.main:  # one writer
         write_log(out / "log.csv", log_rows)
         save_run(out, segmenter, masks, touched, manifest, config.full_checkpoint)
         save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows, manifest)
+        if targets:
+            with progress_bar(console) as progress:
+                evaluation = evaluate_run(segmenter, targets, config, device, progress, out, "eval")
     distributed.barrier(ranks)
     distributed.teardown(ranks)
-    return TuneResult(run_dir=out, manifest=manifest, selected=selected, total=total, log=log_rows)
+    return TuneResult(run_dir=out, manifest=manifest, selected=selected, total=total, log=log_rows,
+                      evaluation=evaluation)
+
+
+def evaluate_run(segmenter: Segmenter, targets: list, config: TuneConfig, device: torch.device, progress,
+                 out: Path, stem: str):
+    """``--eval``: mIoU on each target (``fisherscan.evaluate``), saved as RUN_DIR/eval/<stem>.json and .csv."""
+    crop = config.eval_crop if config.eval_crop is not None else config.crop
+    stride = config.eval_stride if config.eval_stride is not None else max(1, (crop * 2) // 3)
+    result = evaluate_datasets(segmenter, targets, crop=crop, stride=stride, device=device, progress=progress)
+    save_results(result, out / "eval", stem=stem)
+    segmenter.eval()
+    return result
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
@@ -311,7 +346,8 @@ def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAda
                        touched: list[str], manifest: dict) -> tuple[int, list[dict]]:
     with safe_open(str(path), "pt") as handle:
         info = json.loads(handle.metadata()["fisherscan_run"])
-    free = ("resume", "overwrite", "workers", "device", "stop_after")  # options that may change between runs
+    free = ("resume", "overwrite", "workers", "device", "stop_after", "eval", "eval_every", "eval_layout",
+            "eval_split", "eval_crop", "eval_stride")  # options that may change between runs: no effect on weights
     same = {k: v for k, v in info["options"].items() if k not in free}
     now = {k: v for k, v in manifest["options"].items() if k not in free}
     if same != now:

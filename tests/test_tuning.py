@@ -3,6 +3,7 @@ pretrained model), the selection follows Eq. 16 at every step, resume equals an 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -110,9 +111,12 @@ def test_cli_tune_and_mask(scores_file, source, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data",
                                  str(source), "--out", str(out), "--crop", "32", "--batch-size", "2", "--steps", "2",
-                                 "--workers", "0", "--warmup-steps", "1", "--delta-max", "2%"])
+                                 "--workers", "0", "--warmup-steps", "1", "--delta-max", "2%", "--eval", str(source),
+                                 "--eval-layout", "generic", "--eval-crop", "32"])
     assert result.exit_code == 0, result.output
     assert "backbone elements tuned" in result.output and (out / "manifest.json").exists()
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert 0 <= evaluation["miou"] <= 100 and "mIoU" in result.output
     again = runner.invoke(app, ["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data",
                                 str(source), "--out", str(out), "--crop", "32", "--steps", "2", "--workers", "0"])
     assert again.exit_code == 2 and "--overwrite" in again.output

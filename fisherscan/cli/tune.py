@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..groups import CANDIDATE_GROUPS
-from . import app, print_paths, stdout, user_errors, console
+from . import app, console, print_paths, stdout, user_errors
 
 
 def parse_fraction(text: str, option: str) -> float:
@@ -55,6 +55,12 @@ def tune(
     resume: bool = typer.Option(False, "--resume", help="continue from the run folder's checkpoint"),
     save_every: int = typer.Option(100, "--save-every", help="steps between resumable checkpoints"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after N steps, resumable"),
+    eval: Optional[List[Path]] = typer.Option(None, "--eval", help="target domain folder(s) to evaluate at the end"),
+    eval_every: int = typer.Option(0, "--eval-every", help="also evaluate every N steps"),
+    eval_layout: str = typer.Option("auto", "--eval-layout"),
+    eval_split: str = typer.Option("val", "--eval-split"),
+    eval_crop: Optional[int] = typer.Option(None, "--eval-crop", help="slide window (default --crop)"),
+    eval_stride: Optional[int] = typer.Option(None, "--eval-stride", help="slide stride (default 2/3 of the window)"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     workers: int = typer.Option(2, "--workers"),
@@ -71,14 +77,21 @@ def tune(
             delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
             schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder, head=head,
             warmup_steps=warmup_steps, full_checkpoint=full_checkpoint, resume=resume, save_every=save_every,
-            stop_after=stop_after, seed=seed, device=device, workers=workers, overwrite=overwrite)
+            stop_after=stop_after, eval=tuple(eval or ()), eval_every=eval_every, eval_layout=eval_layout,
+            eval_split=eval_split, eval_crop=eval_crop, eval_stride=eval_stride, seed=seed, device=device,
+            workers=workers, overwrite=overwrite)
         result = run_tune(config, console)
         if not result.finished:
             stdout.print(f"stopped after step {len(result.log)} as asked; continue with --resume", markup=False)
             print_paths(("checkpoint", out / "checkpoint.safetensors"))
             return
         stdout.print(trainable_summary(result), markup=False)
-        print_paths(("model", out / "model.safetensors"), ("manifest", out / "manifest.json"), ("log", out / "log.csv"))
+        if result.evaluation is not None:
+            from ..evaluate import results_table
+
+            stdout.print(results_table(result.evaluation, f"mIoU after {config.steps} steps"))
+        print_paths(("model", out / "model.safetensors"), ("manifest", out / "manifest.json"), ("log", out / "log.csv"),
+                    *((("eval", out / "eval" / "eval.json"),) if result.evaluation is not None else ()))
 
 
 @app.command()
