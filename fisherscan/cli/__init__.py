@@ -42,4 +42,6 @@ def print_paths(*labelled: tuple[str, Path]) -> None:
 
 
 from . import score  # noqa: E402,F401  (registers its commands on app)
+from . import plot  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401  (eval, predict)
 from . import tune  # noqa: E402,F401

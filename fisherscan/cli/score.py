@@ -82,9 +82,12 @@ def demo(
 ) -> None:
     """The built-in default job: generate procedural scenes in 5 domains, score a small ViT on the source."""
     from ..demo import run_demo
+    from ..plot import plot_scores
 
     with user_errors():
         result, scores_path = run_demo(out, images=images, seed=seed, device=device, console=console)
         report_scores(result, scores_path)
+        figures = plot_scores(scores_path).paths  # the Fig. 6 heatmap (FIM, DR-FIM) and the other figures
+        print_paths(*((label, figures[label]) for label in ("heatmap", "histogram", "blocks")))
         stdout.print(f"data:   {out / 'data'} (domains: source, fog, night, colour, blur)", markup=False,
                      highlight=False, soft_wrap=True)
