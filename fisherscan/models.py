@@ -114,22 +114,41 @@ def timm_name_of(spec: str) -> str:
     if spec in REGISTRY:
         return REGISTRY[spec].timm_name
     if spec.startswith("timm:") and len(spec) > 5:
-        return spec[5:]
+        return spec[5:].split("?")[0]
     known = ", ".join(sorted(REGISTRY))
-    raise FisherscanError(f"--model {spec}: unknown model; use one of {known} or timm:<name>")
+    raise FisherscanError(f"--model {spec}: unknown model; use one of {known} or timm:<name>[?key=value&...]")
+
+
+def timm_kwargs_of(spec: str) -> dict:
+    """Extra ``timm.create_model`` arguments of a ``timm:<name>?key=value&...`` spec (values read as Python
+    literals where they parse, e.g. ``timm:vit_small_patch14_dinov2?init_values=1.0``)."""
+    import ast
+    from urllib.parse import parse_qsl
+
+    if not spec.startswith("timm:") or "?" not in spec:
+        return {}
+    kwargs = {}
+    for key, text in parse_qsl(spec.split("?", 1)[1], keep_blank_values=True, strict_parsing=False):
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
 
 
 def create_architecture(spec: str, pretrained: bool = False) -> nn.Module:
     """The timm model for ``spec`` with no classifier head and run-time position-embedding interpolation."""
     import timm
 
-    name = timm_name_of(spec)
+    name, extra = timm_name_of(spec), timm_kwargs_of(spec)
     if not timm.is_model(name.split(".")[0]):
         raise FisherscanError(f"--model {spec}: timm has no model {name}; see timm.list_models()")
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
-    except TypeError:  # architectures without the dynamic_img_size option
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **extra)
+    except TypeError as error:
+        if extra and "dynamic_img_size" not in str(error):
+            raise FisherscanError(f"--model {spec}: timm's {name} does not take these arguments ({error})") from None
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **extra)  # no dynamic_img_size option
 
 
 def checkpoint_filter(model: nn.Module):

@@ -6,6 +6,7 @@ run (the demo is the slowest thing in the test suite) checks both the function a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 import fisherscan.demo
 from fisherscan.cli import app
+from fisherscan.demo import DEMO_MODEL
 from fisherscan.scores import load_scores
 from fisherscan.scoring import ScoreResult
 from fisherscan.synthetic import DOMAINS
@@ -45,7 +47,7 @@ def demo_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(fisherscan.demo, "run_demo", spy)
     try:
-        result = CliRunner().invoke(app, ["demo", "--out", str(out), "--images", str(IMAGES)])
+        result = CliRunner().invoke(app, ["demo", "--out", str(out), "--images", str(IMAGES), "--tune-steps", "2"])
     finally:
         patch.undo()
     return {"out": out, "result": result, "calls": calls}
@@ -77,7 +79,7 @@ def test_demo_writes_scores_head_and_all_five_domains(demo_run):
     out = demo_run["out"]
     scores, meta = load_scores(out / "scores.safetensors")
     assert set(scores) == {"fim", "fim_shift", "delta", "drfim"}
-    assert meta["model"] == "dinov2_vits14" and meta["random_init"] is True
+    assert meta["model"] == DEMO_MODEL and meta["random_init"] is True
     assert meta["images"] == IMAGES
     assert Path(meta["data"]["path"]) == out / "data" / "source"
     for kind, by_name in scores.items():
@@ -97,3 +99,15 @@ def test_demo_writes_scores_head_and_all_five_domains(demo_run):
         first_label = first_label or label
         assert label == first_label, f"{domain}: scene 0 must have the same label map in every domain"
 
+
+
+def test_demo_tunes_both_strategies_and_evaluates_every_domain(demo_run):
+    out = demo_run["out"]
+    assert "mIoU (%) on held-out scenes" in demo_run["result"].stdout
+    for strategy in ("drfim", "freeze"):
+        run = out / f"run_{strategy}"
+        assert (run / "model.safetensors").is_file() and (run / "log.csv").is_file()
+        evaluation = json.loads((run / "eval" / "eval.json").read_text())
+        assert [d["name"] for d in evaluation["datasets"]] == list(DOMAINS)
+    manifest = json.loads((out / "run_freeze" / "manifest.json").read_text())
+    assert manifest["trainable"]["backbone_elements"] == 0
