@@ -162,7 +162,7 @@ def main():
               "step_time_cpu_batch4": step_times(model, x, y)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"| estimator | Jaccard top-5% (mean +- std) | Spearman (mean +- std) | s per estimate |")
+    print("| estimator | Jaccard top-5% (mean +- std) | Spearman (mean +- std) | s per estimate |")
     print("|---|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['jaccard_top5_mean']:.3f} +- {row['jaccard_top5_std']:.3f} | "

@@ -31,3 +31,18 @@ def tiny_segmenter(num_classes: int = 4, seed: int = 0, **kwargs) -> Segmenter:
 @pytest.fixture
 def segmenter() -> Segmenter:
     return tiny_segmenter()
+
+
+def vit_shapes(depth: int, D: int = 4) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a timm DINOv2-style ViT with embedding width D and patch 2 (no model built)."""
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 5, D), "patch_embed.proj.weight": (D, 3, 2, 2),
+              "patch_embed.proj.bias": (D,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                       b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                       b + "ls1.gamma": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                       b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+                       b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,), b + "ls2.gamma": (D,)})
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
+    return shapes

@@ -38,15 +38,6 @@ FAST = ["--model", MODEL, "--random-init", "--crop", str(CROP), "--workers", "0"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine two spinning OpenMP threads
-    make every op wait for a free core (measured: the same tests 5-10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers

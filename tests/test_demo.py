@@ -23,15 +23,6 @@ from fisherscan.synthetic import DOMAINS
 IMAGES = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine two spinning OpenMP threads
-    make every op wait for a free core (measured: the same tests 5-10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

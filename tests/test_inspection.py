@@ -27,33 +27,13 @@ from fisherscan.inspection import average_ranks, compare_scores, inspect_scores,
 from fisherscan.report import top_cell_counts, top_counts, top_mask
 from fisherscan.scores import load_scores, save_scores
 
+from conftest import vit_shapes
+
 D = 4
 CANDIDATES = ("Q", "K", "V", "FFN")
 KINDS = ("fim", "fim_shift", "delta", "drfim")
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def vit_shapes(depth: int) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of a timm DINOv2-style ViT with embedding width D and patch 2."""
-    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 5, D), "patch_embed.proj.weight": (D, 3, 2, 2),
-              "patch_embed.proj.bias": (D,)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
-                       b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
-                       b + "ls1.gamma": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
-                       b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
-                       b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,), b + "ls2.gamma": (D,)})
-    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
-    return shapes
 
 
 def make_scores(depth: int = 6, seed: int = 0, ties: bool = False) -> dict[str, dict[str, torch.Tensor]]:

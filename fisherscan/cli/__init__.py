@@ -34,6 +34,18 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def parse_fraction(text: str, option: str, allow_zero: bool = True) -> float:
+    """'5%' or '0.05' -> 0.05, within [0, 1] (or (0, 1] without ``allow_zero``); a one-line error otherwise."""
+    try:
+        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise FisherscanError(f"{option} {text}: pass a fraction like 0.05 or a percentage like 5%") from None
+    if not (0 <= value <= 1) or (value == 0 and not allow_zero):
+        bounds = "[0, 1] (0% to 100%)" if allow_zero else "(0, 1] (above 0%, at most 100%)"
+        raise FisherscanError(f"{option} {text}: must lie in {bounds}")
+    return value
+
+
 def print_paths(*labelled: tuple[str, Path]) -> None:
     """``label: path`` lines on stdout, verbatim: no markup, no highlighting, never wrapped (scripts parse them)."""
     width = max(len(label) for label, _ in labelled) + 1

@@ -9,21 +9,14 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 
-from ..errors import FisherscanError
-from . import app, print_paths, stdout, user_errors
+from . import app, parse_fraction, print_paths, stdout, user_errors
 
 PATH_LABELS = {"heatmap-csv": "heatmap table", "histogram-csv": "histogram table", "blocks-csv": "blocks table"}
 
 
 def parse_top(text: str) -> float:
     """``--top``: '5%' or '0.05' -> 0.05; must lie in (0, 1]."""
-    try:
-        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
-    except ValueError:
-        raise FisherscanError(f"--top {text}: pass a fraction like 0.05 or a percentage like 5%") from None
-    if not 0 < value <= 1:
-        raise FisherscanError(f"--top {text}: must lie in (0, 1] (above 0%, at most 100%)")
-    return value
+    return parse_fraction(text, "--top", allow_zero=False)
 
 
 def print_whole(table) -> None:

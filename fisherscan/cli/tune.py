@@ -8,20 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..groups import CANDIDATE_GROUPS
-from . import app, console, print_paths, stdout, user_errors
-
-
-def parse_fraction(text: str, option: str) -> float:
-    """'5%' or '0.05' -> 0.05."""
-    from ..errors import FisherscanError
-
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise FisherscanError(f"{option} {text}: pass a fraction like 0.05 or 5%") from None
-    if not 0 <= value <= 1:
-        raise FisherscanError(f"{option} {text}: must lie between 0 and 1 (0% and 100%)")
-    return value
+from . import app, console, parse_fraction, print_paths, stdout, user_errors
 
 
 @app.command()
