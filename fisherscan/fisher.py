@@ -68,6 +68,7 @@ def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uni
     """
     params = {name: p.detach() for name, p in trainable_parameters(model).items()}
     device_type = x.device.type
+    sampled = uniforms is not None
 
     def loss_of_one(params, x1, y1, u1, eps_mu1, eps_sigma1):
         if shift is not None:
@@ -80,7 +81,6 @@ def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uni
             target = sample_labels(logits, u1.unsqueeze(0), target != ignore_index, ignore_index)
         return image_loss(logits, target, ignore_index)
 
-    sampled = uniforms is not None
     batch = x.shape[0]
     if not sampled:
         uniforms = torch.zeros(y.shape)
