@@ -441,6 +441,6 @@ def test_timm_spec_with_create_model_arguments():
     assert timm_name_of(spec) == "vit_tiny_patch16_224"
     assert timm_kwargs_of(spec) == {"depth": 2, "init_values": 1.0, "global_pool": "avg"}
     model = create_architecture(spec)
-    assert len(model.blocks) == 2 and float(model.blocks[0].ls1.gamma[0]) == 1.0
+    assert len(model.blocks) == 2 and float(model.blocks[0].ls1.gamma[0].detach()) == 1.0
     with pytest.raises(FisherscanError, match="does not take these arguments"):
         create_architecture("timm:vit_tiny_patch16_224?no_such_argument=3")
