@@ -19,6 +19,8 @@ Inference of one image (:func:`infer_logits`):
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import re
@@ -423,7 +425,7 @@ def evaluate_datasets(segmenter: torch.nn.Module, data_dirs: Sequence[Path | str
     segmenter.eval()
     results = []
     try:
-        with (progress_bar(console) if progress is None else _nullcontext(progress)) as bar:
+        with (progress_bar(console) if progress is None else contextlib.nullcontext(progress)) as bar:
             for dataset in datasets:
                 results.append(_evaluate_one(segmenter, dataset, bar, crop=crop, stride=stride, resize=resize,
                                              keep_ratio=keep_ratio, score_at=score_at, device=device, mean=mean,
@@ -434,17 +436,6 @@ def evaluate_datasets(segmenter: torch.nn.Module, data_dirs: Sequence[Path | str
                "keep_ratio": keep_ratio, "score_at": score_at, "split": split, "images": images, "seed": seed,
                "normalisation": {"mean": list(mean), "std": list(std)}}
     return EvalResult(results, options)
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _evaluate_one(segmenter, dataset: EvalDataset, progress: Progress, *, crop, stride, resize, keep_ratio, score_at,
@@ -478,29 +469,6 @@ def _evaluate_one(segmenter, dataset: EvalDataset, progress: Progress, *, crop, 
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading a run
-
-
-def load_model(run_dir: Path | str, weights: Path | str | None = None, device: torch.device | str = "cpu"):
-    """(segmenter, manifest) of a ``tune`` run folder via ``tuning.load_run``, with one-line errors for a missing
-    folder or an unreadable manifest."""
-    from .tuning import load_run
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FisherscanError(f"--checkpoint {run_dir}: folder not found; pass a run folder written by "
-                              "'fisherscan tune'")
-    manifest = run_dir / "manifest.json"
-    if not manifest.is_file():
-        raise FisherscanError(f"--checkpoint {run_dir}: no manifest.json; pass a run folder written by "
-                              "'fisherscan tune'")
-    try:
-        json.loads(manifest.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise FisherscanError(f"{manifest}: not a readable JSON manifest ({type(error).__name__}); "
-                              "tune the run again") from None
-    if weights is not None and not Path(weights).is_file():
-        raise FisherscanError(f"--weights {weights}: no such file; pass the base weights the run was tuned from")
-    return load_run(run_dir, weights=Path(weights) if weights is not None else None, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------

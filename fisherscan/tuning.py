@@ -373,12 +373,16 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     backbone parameters and the head."""
     run_dir = Path(run_dir)
     model_path = run_dir / "model.safetensors"
+    if not run_dir.is_dir():
+        raise FisherscanError(f"--checkpoint {run_dir}: folder not found; pass a run folder written by 'fisherscan tune'")
     if not model_path.is_file():
         raise FisherscanError(f"--checkpoint {run_dir}: no model.safetensors; pass a folder written by 'fisherscan tune'")
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        raise FisherscanError(f"--checkpoint {run_dir}: manifest.json is missing or damaged; tune again") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise FisherscanError(f"--checkpoint {run_dir}: manifest.json is missing or damaged; tune the run again") from None
+    if weights is not None and not Path(weights).is_file():
+        raise FisherscanError(f"--weights {weights}: no such file; pass the base weights the run was tuned from")
     base = weights if weights is not None else (Path(manifest["weights"]) if manifest.get("weights") and
                                                  manifest["weights"] != "timm-pretrained" else None)
     if base is not None and not Path(base).is_file():

@@ -35,7 +35,8 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", help="folder for eval.json and eval.csv (default RUN/eval)"),
 ) -> None:
     """mIoU per data set (confusion matrix over the whole set, 19 classes) and their mean; JSON and CSV saved."""
-    from ..evaluate import (SCORE_AT, check_window, evaluate_datasets, load_model, parse_resize, prepare_datasets,
+    from ..tuning import load_run
+    from ..evaluate import (SCORE_AT, check_window, evaluate_datasets, parse_resize, prepare_datasets,
                             results_table, save_results)
     from ..scoring import resolve_device
 
@@ -47,7 +48,7 @@ def eval_command(
         target = out if out is not None else checkpoint / "eval"
         torch_device = resolve_device(device)
         datasets = prepare_datasets(data, layout, split, images, seed)  # wrong folders fail before the model loads
-        segmenter, manifest = load_model(checkpoint, weights, torch_device)
+        segmenter, manifest = load_run(checkpoint, weights, torch_device)
         result = evaluate_datasets(segmenter, datasets, crop=crop, stride=stride, resize=resize, keep_ratio=keep_ratio,
                                    score_at=score_at, device=torch_device, split=split, images=images, seed=seed,
                                    workers=workers, batch_size=batch_size, console=console)
@@ -78,7 +79,8 @@ def predict(
     batch_size: int = typer.Option(4, "--batch-size", help="slide windows per forward pass"),
 ) -> None:
     """Segment images: palette PNGs in the Cityscapes colours (pixel values are the trainIds)."""
-    from ..evaluate import check_window, find_images, load_model, parse_resize, predict_images
+    from ..evaluate import check_window, find_images, parse_resize, predict_images
+    from ..tuning import load_run
     from ..scoring import resolve_device
 
     with user_errors():
@@ -88,7 +90,7 @@ def predict(
             raise FisherscanError(f"--alpha {alpha}: must be between 0 and 1")
         find_images(images, exclude=out)  # a wrong folder fails before the model loads
         torch_device = resolve_device(device)
-        segmenter, _ = load_model(checkpoint, weights, torch_device)
+        segmenter, _ = load_run(checkpoint, weights, torch_device)
         result = predict_images(segmenter, images, out, crop=crop, stride=stride, resize=resize, keep_ratio=keep_ratio,
                                 overlay=overlay, alpha=alpha, device=torch_device, batch_size=batch_size,
                                 console=console)
