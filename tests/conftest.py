@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -46,3 +47,20 @@ def vit_shapes(depth: int, D: int = 4) -> dict[str, tuple[int, ...]]:
                        b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,), b + "ls2.gamma": (D,)})
     shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
     return shapes
+
+
+def oracle_group(name: str, rows: np.ndarray, D: int = 4) -> np.ndarray:
+    """Group of each row of a ``vit_shapes`` parameter, written out by hand (the oracle for fisherscan.groups)."""
+    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return np.array(["Q", "K", "V"])[rows // D]
+    if ".mlp." in name:
+        group = "FFN"
+    elif ".attn.proj." in name:
+        group = "attn-proj"
+    elif "norm" in name:
+        group = "norm"
+    elif name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        group = "embed"
+    else:
+        group = "other"
+    return np.full(len(rows), group)

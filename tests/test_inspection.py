@@ -27,7 +27,7 @@ from fisherscan.inspection import average_ranks, compare_scores, inspect_scores,
 from fisherscan.report import top_cell_counts, top_counts, top_mask
 from fisherscan.scores import load_scores, save_scores
 
-from conftest import vit_shapes
+from conftest import oracle_group, vit_shapes
 
 D = 4
 CANDIDATES = ("Q", "K", "V", "FFN")
@@ -53,22 +53,6 @@ def make_scores(depth: int = 6, seed: int = 0, ties: bool = False) -> dict[str, 
 def write(path: Path, scores, model: str = "toy-vit") -> Path:
     save_scores(path, scores, {"model": model, "images": 16, "seed": 3})
     return path
-
-
-def oracle_group(name: str, rows: np.ndarray) -> np.ndarray:
-    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-        return np.array(["Q", "K", "V"])[rows // D]
-    if ".mlp." in name:
-        group = "FFN"
-    elif ".attn.proj." in name:
-        group = "attn-proj"
-    elif "norm" in name:
-        group = "norm"
-    elif name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-        group = "embed"
-    else:
-        group = "other"
-    return np.full(len(rows), group)
 
 
 def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:

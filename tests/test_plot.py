@@ -26,7 +26,7 @@ from fisherscan.cli import app
 from fisherscan.report import cell_summary
 from fisherscan.scores import load_scores, save_scores
 
-from conftest import vit_shapes
+from conftest import oracle_group, vit_shapes
 
 D = 4  # embedding width
 CANDIDATES = ("Q", "K", "V", "FFN")
@@ -57,22 +57,6 @@ def make_scores(depth: int, seed: int = 0, ties: bool = False) -> dict[str, dict
 def write_scores(path: Path, depth: int, **kwargs) -> Path:
     save_scores(path, make_scores(depth, **kwargs), {"model": f"toy-vit-{depth}", "images": 16})
     return path
-
-
-def oracle_group(name: str, rows: np.ndarray) -> np.ndarray:
-    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-        return np.array(["Q", "K", "V"])[rows // D]
-    if ".mlp." in name:
-        group = "FFN"
-    elif ".attn.proj." in name:
-        group = "attn-proj"
-    elif "norm" in name:
-        group = "norm"
-    elif name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-        group = "embed"
-    else:
-        group = "other"
-    return np.full(len(rows), group)
 
 
 def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:
