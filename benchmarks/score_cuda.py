@@ -25,14 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import new_report, pick_device, save_report, sync  # noqa: E402
+
 from fisherscan.fisher import image_loss, sample_labels, squared_gradient_sum, upsample_logits  # noqa: E402
 from fisherscan.models import build_backbone  # noqa: E402
 from fisherscan.segmenter import Segmenter  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats):
@@ -147,9 +144,8 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--small", action="store_true", help="CPU smoke run with a small model")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__}
+    device = pick_device(args.small)
+    report = new_report(device)
     report["correctness"] = correctness(device)
     print(json.dumps(report["correctness"]), flush=True)
     if args.small:
@@ -159,8 +155,7 @@ def main():
     print(json.dumps(report["speed"], indent=1), flush=True)
     report["cli"] = cli_end_to_end(device, args.small)
     print(json.dumps({k: v for k, v in report["cli"].items() if "tail" not in k}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    save_report(args.out, report)
 
 
 if __name__ == "__main__":

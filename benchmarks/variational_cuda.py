@@ -25,15 +25,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import new_report, pick_device, save_report, sync  # noqa: E402
+
 from fisherscan.fisher import sample_labels, trainable_parameters, upsample_logits  # noqa: E402
 from fisherscan.models import build_backbone  # noqa: E402
 from fisherscan.segmenter import Segmenter  # noqa: E402
 from fisherscan.variational import fit_precision, segmentation_losses  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def step_timing(device, spec, crop, batch, repeats) -> dict:
@@ -139,8 +136,8 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--small", action="store_true", help="CPU smoke run")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    device = pick_device(args.small)
+    report = new_report(device)
     if args.small:
         report["step_timing"] = step_timing(device, "dinov2_vits14", 56, 2, 1)
     else:
@@ -151,8 +148,7 @@ def main():
         print(json.dumps(report["bf16"]), flush=True)
     report["tune"] = tune_end_to_end(device, args.small)
     print(json.dumps({k: v for k, v in report["tune"].items() if "tail" not in k}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    save_report(args.out, report)
 
 
 if __name__ == "__main__":
