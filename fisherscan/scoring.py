@@ -5,6 +5,11 @@
    block ``perturb_at``; labels sampled per image from a generator keyed on (seed, image index).
 3. Combine into Delta F (Eq. 5) and DR-FIM (Eq. 7) with the decisions of FISHERTUNE.md; save all four kinds,
    the metadata and the warmed head.
+
+Robustness (diagonal estimator): every ``save_every`` batches the accumulated state, the warmed head and the
+options go to ``<name>.partial.safetensors`` beside the output (atomically); ``--resume`` (or a plain rerun with
+the same options) continues from it, and the final file is the same, byte for byte, as an uninterrupted run's.
+A batch whose squared-gradient sums are not finite is skipped and counted (``bad_batches``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
@@ -32,7 +40,7 @@ from .groups import candidate_names, parameter_groups
 from .models import build_backbone
 from .perturb import TokenShift, block_input, channel_statistics, draw_eps, shift_statistics, statistic_spread
 from .rng import keyed_generator
-from .scores import save_scores
+from .scores import atomic_target, save_scores
 from .segmenter import Segmenter, head_path_for, load_head, save_head
 from .variational import fit_precision, segmentation_losses
 
@@ -74,26 +82,41 @@ class ScoreConfig:
     workers: int = 0
     chunk_size: int = 8
     overwrite: bool = False
+    save_every: int = 50
+    resume: bool = False
+    stop_after: int | None = None
+    max_bad_frac: float = 0.1
+
+
+# options that may change between a stopped run and its continuation: none of them changes the scores
+FREE_OPTIONS = ("workers", "device", "overwrite", "resume", "stop_after", "save_every", "max_bad_frac")
+# run control, left out of the scores file's options so a continued run writes the same file as an uninterrupted one
+RUN_CONTROL = ("resume", "stop_after", "save_every")
+PARTIAL_KEY = "fisherscan_partial"
 
 
 @dataclass
 class ScoringState:
-    """Everything a run accumulates: both Fisher sums, the applied shift, and how far it got (image index)."""
+    """Everything a run accumulates: both Fisher sums, the applied shift, how far it got (image index) and how
+    many batches were skipped for non-finite gradients."""
 
     clean: FisherAccumulator
     shifted: FisherAccumulator
     shift_magnitude_sum: float = 0.0
     next_image: int = 0
+    bad_batches: int = 0
 
     def state_dict(self) -> dict:
         return {"clean": self.clean.state_dict(), "shifted": self.shifted.state_dict(),
-                "shift_magnitude_sum": self.shift_magnitude_sum, "next_image": self.next_image}
+                "shift_magnitude_sum": self.shift_magnitude_sum, "next_image": self.next_image,
+                "bad_batches": self.bad_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.clean.load_state_dict(state["clean"])
         self.shifted.load_state_dict(state["shifted"])
         self.shift_magnitude_sum = float(state["shift_magnitude_sum"])
         self.next_image = int(state["next_image"])
+        self.bad_batches = int(state.get("bad_batches", 0))
 
 
 @dataclass
@@ -102,6 +125,10 @@ class ScoreResult:
     metadata: dict
     head_path: Path
     notes: list[str] = field(default_factory=list)
+    finished: bool = True  # False: stopped by --stop-after; the partial file holds the state
+    partial_path: Path | None = None
+    batches_done: int = 0  # batches scored so far (all runs together), of ``batches_total``
+    batches_total: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,9 +162,17 @@ def check_config(config: ScoreConfig) -> None:
         raise FisherscanError(f"--delta-eps {config.delta_eps}: must be a finite number > 0")
     if config.images is not None and config.images < 1:
         raise FisherscanError(f"--images {config.images}: must be at least 1 (leave it out to score every image)")
+    if config.save_every < 1:
+        raise FisherscanError(f"--save-every {config.save_every}: must be at least 1")
+    if config.stop_after is not None and config.stop_after < 1:
+        raise FisherscanError(f"--stop-after {config.stop_after}: must be at least 1")
+    if not (math.isfinite(config.max_bad_frac) and 0 <= config.max_bad_frac <= 1):
+        raise FisherscanError(f"--max-bad-frac {config.max_bad_frac}: must lie in [0, 1]")
+    if config.estimator != "diagonal" and (config.resume or config.stop_after is not None):
+        raise FisherscanError(f"--resume and --stop-after work with --estimator diagonal only, not {config.estimator}")
     if Path(config.out).exists() and not config.overwrite:
         raise FisherscanError(f"--out {config.out} exists; pass --overwrite to replace it or choose another --out")
-    if str(config.out).endswith(".head.safetensors") or not str(config.out).endswith(".safetensors"):
+    if str(config.out).endswith((".head.safetensors", ".partial.safetensors")) or not str(config.out).endswith(".safetensors"):
         raise FisherscanError(f"--out {config.out}: name the scores file <name>.safetensors")
     if not Path(config.out).resolve().parent.is_dir():
         raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} does not exist; create it first")
@@ -203,35 +238,181 @@ def prepare_shift(segmenter: Segmenter, shift: TokenShift, x: torch.Tensor, indi
     return eps, float(magnitude.mean(dim=1).sum())
 
 
+def all_finite(sums: dict[str, torch.Tensor]) -> bool:
+    """True when every element of every tensor is finite (one device sync)."""
+    if not sums:
+        return True
+    return bool(torch.stack([v.isfinite().all() for v in sums.values()]).all())
+
+
 def score_batch(segmenter: Segmenter, state: ScoringState, shift: TokenShift, x: torch.Tensor, y: torch.Tensor,
-                indices: list[int], config: ScoreConfig, autocast_dtype: torch.dtype | None) -> None:
-    """F(x) and F(x') (Eq. 9) of one batch into ``state``; all draws keyed on (seed, image index)."""
+                indices: list[int], config: ScoreConfig, autocast_dtype: torch.dtype | None) -> bool:
+    """F(x) and F(x') (Eq. 9) of one batch into ``state``; all draws keyed on (seed, image index).
+
+    Returns False, and adds nothing, when the batch's squared-gradient sums (or its shift) are not finite.
+    """
     uniforms = label_uniforms(config, y, indices)
     common = dict(ignore_index=IGNORE_INDEX, chunk_size=config.chunk_size, autocast_dtype=autocast_dtype)
-    state.clean.add(squared_gradient_sum(segmenter, x, y, uniforms, **common), len(indices))
+    clean = squared_gradient_sum(segmenter, x, y, uniforms, **common)
+    if not all_finite(clean):
+        return False
     eps, magnitude = prepare_shift(segmenter, shift, x, indices, config)
+    if not math.isfinite(magnitude):
+        return False
+    shifted = squared_gradient_sum(segmenter, x, y, uniforms, shift=shift, shift_eps=eps, **common)
+    if not all_finite(shifted):
+        return False
+    state.clean.add(clean, len(indices))
     state.shift_magnitude_sum += magnitude
-    state.shifted.add(squared_gradient_sum(segmenter, x, y, uniforms, shift=shift, shift_eps=eps, **common),
-                      len(indices))
+    state.shifted.add(shifted, len(indices))
+    return True
+
+
+def new_state(segmenter: Segmenter) -> ScoringState:
+    shapes = {f"backbone.{n}": p.shape for n, p in segmenter.backbone.named_parameters()}
+    return ScoringState(FisherAccumulator(shapes), FisherAccumulator(shapes))
 
 
 def run_diagonal(segmenter: Segmenter, loader, config: ScoreConfig, device: torch.device,
-                 autocast_dtype: torch.dtype | None, progress: Progress) -> tuple[dict, dict, float, dict]:
-    """The exact diagonal estimator over every image once: (F(x), F(x'), mean shift s, extra metadata)."""
-    shapes = {name: p.shape for name, p in segmenter.backbone.named_parameters()}
-    state = ScoringState(FisherAccumulator({f"backbone.{n}": s for n, s in shapes.items()}),
-                         FisherAccumulator({f"backbone.{n}": s for n, s in shapes.items()}))
+                 autocast_dtype: torch.dtype | None, progress: Progress, state: ScoringState | None = None,
+                 save=None) -> tuple[dict | None, dict | None, float, dict]:
+    """The exact diagonal estimator over every image once: (F(x), F(x'), mean shift s, extra metadata).
+
+    It starts at ``state.next_image`` (a continued run; the order is fixed, so the remaining batches are the
+    ones an uninterrupted run would see) and calls ``save(state)`` every ``config.save_every`` batches. After
+    ``config.stop_after`` batches of this run it stops: F(x) and F(x') are None and ``extra["stopped"]`` is True.
+    """
+    state = state if state is not None else new_state(segmenter)
+    dataset = loader.dataset
+    total = len(dataset)
+    batches_total = math.ceil(total / config.batch_size)
+    allowed_bad = config.max_bad_frac * batches_total
+    if state.next_image % config.batch_size:
+        raise FisherscanError(f"the partial file stopped at image {state.next_image}, not at a batch boundary of "
+                              f"--batch-size {config.batch_size}; delete it or pass --overwrite")
+    if state.next_image > 0:
+        rest = torch.utils.data.Subset(dataset, range(state.next_image, total))
+        loader = make_loader(rest, config.batch_size, config.workers)
     shift = TokenShift(segmenter, config.perturb_at)
-    task = progress.add_task("score F(x), F(x')", total=len(loader.dataset), rate="")
-    started = time.perf_counter()
+    task = progress.add_task("score F(x), F(x')", total=total, completed=state.next_image, rate="")
+    started, done_here, images_here = time.perf_counter(), 0, 0
+    extra = {"batches_total": batches_total, "stopped": False}
     for x, y, indices in loader:
-        score_batch(segmenter, state, shift, x.to(device), y.to(device), [int(i) for i in indices], config,
-                    autocast_dtype)
+        indices = [int(i) for i in indices]
+        if not score_batch(segmenter, state, shift, x.to(device), y.to(device), indices, config, autocast_dtype):
+            state.bad_batches += 1
+            message = (f"batch of images {indices[0]}..{indices[-1]}: non-finite loss or gradient, skipped "
+                       f"({state.bad_batches} bad of {batches_total} batches)")
+            if not progress.disable:
+                progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            if state.bad_batches > allowed_bad:
+                raise FisherscanError(f"{state.bad_batches} of {batches_total} batches had non-finite losses or "
+                                      f"gradients (more than --max-bad-frac {config.max_bad_frac}); check the "
+                                      f"weights, the data and --warmup-lr")
         state.next_image += len(indices)
-        rate = state.next_image / max(time.perf_counter() - started, 1e-9)
+        done_here, images_here = done_here + 1, images_here + len(indices)
+        rate = images_here / max(time.perf_counter() - started, 1e-9)
         progress.update(task, advance=len(indices), rate=f"{rate:.2f} img/s")
+        unfinished = state.next_image < total
+        stopping = unfinished and config.stop_after is not None and done_here >= config.stop_after
+        batches_done = state.next_image // config.batch_size
+        if save is not None and (stopping or (unfinished and batches_done % config.save_every == 0)):
+            save(state)
+        if stopping:
+            extra.update(stopped=True, batches_done=batches_done, images=state.clean.images,
+                         bad_batches=state.bad_batches)
+            return None, None, 0.0, extra
+    if state.clean.images == 0:
+        raise FisherscanError(f"every batch ({state.bad_batches} of {batches_total}) had non-finite losses or "
+                              "gradients; check the weights, the data and --warmup-lr")
     magnitude = state.shift_magnitude_sum / max(state.shifted.images, 1)
-    return state.clean.fisher(), state.shifted.fisher(), magnitude, {"images": state.clean.images}
+    extra.update(images=state.clean.images, bad_batches=state.bad_batches, batches_done=batches_total)
+    return state.clean.fisher(), state.shifted.fisher(), magnitude, extra
+
+
+def partial_path_for(scores_path: Path) -> Path:
+    """Where ``score`` keeps its resumable state: beside the scores, ``<stem>.partial.safetensors``."""
+    scores_path = Path(scores_path)
+    return scores_path.with_name(scores_path.name.removesuffix(".safetensors") + ".partial.safetensors")
+
+
+def config_options(config: ScoreConfig) -> dict:
+    """Every option as a JSON value (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def save_partial(path: Path, state: ScoringState, segmenter: Segmenter, config: ScoreConfig, warmup: dict) -> None:
+    """The state, the warmed head and the options in one safetensors file (tensors) with JSON metadata, atomically."""
+    tensors = {f"clean/{n}": v.detach().cpu().contiguous() for n, v in state.clean.sums.items()}
+    tensors.update({f"shifted/{n}": v.detach().cpu().contiguous() for n, v in state.shifted.sums.items()})
+    tensors.update({f"head/{n}": v.detach().cpu().contiguous().clone() for n, v in segmenter.decoder.state_dict().items()})
+    info = {"next_image": state.next_image, "clean_images": state.clean.images, "shifted_images": state.shifted.images,
+            "shift_magnitude_sum": state.shift_magnitude_sum, "bad_batches": state.bad_batches, "warmup": warmup,
+            "options": config_options(config), "fisherscan_version": __version__}
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata={PARTIAL_KEY: json.dumps(info, sort_keys=True)})
+
+
+def read_partial_info(path: Path) -> dict:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            info = json.loads((handle.metadata() or {})[PARTIAL_KEY])
+        if not isinstance(info, dict) or not isinstance(info.get("options"), dict):
+            raise ValueError("no options")
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file is the user's to remove
+        raise FisherscanError(f"{path}: not a readable partial scoring file ({type(error).__name__}); delete it or "
+                              "pass --overwrite") from None
+    return info
+
+
+def changed_options(saved: dict, config: ScoreConfig) -> list[str]:
+    now = {k: v for k, v in config_options(config).items() if k not in FREE_OPTIONS}
+    before = {k: v for k, v in saved.items() if k not in FREE_OPTIONS}
+    return sorted(k for k in set(now) | set(before) if before.get(k, None) != now.get(k, None))
+
+
+def restore_partial(path: Path, info: dict, segmenter: Segmenter) -> ScoringState:
+    """The state and the head (into ``segmenter.decoder``) saved by ``save_partial``."""
+    tensors = load_file(str(path))
+    state = new_state(segmenter)
+    clean = {n[len("clean/"):]: v for n, v in tensors.items() if n.startswith("clean/")}
+    shifted = {n[len("shifted/"):]: v for n, v in tensors.items() if n.startswith("shifted/")}
+    head = {n[len("head/"):]: v for n, v in tensors.items() if n.startswith("head/")}
+    own = segmenter.decoder.state_dict()
+    if (set(clean) != set(state.clean.sums) or set(shifted) != set(state.shifted.sums) or set(head) != set(own)
+            or any(clean[n].shape != state.clean.sums[n].shape for n in clean)):
+        raise FisherscanError(f"{path}: does not fit this model; delete it or pass --overwrite")
+    state.load_state_dict({"clean": {"sums": clean, "images": info["clean_images"]},
+                           "shifted": {"sums": shifted, "images": info["shifted_images"]},
+                           "shift_magnitude_sum": info["shift_magnitude_sum"], "next_image": info["next_image"],
+                           "bad_batches": info.get("bad_batches", 0)})
+    with torch.no_grad():
+        segmenter.decoder.load_state_dict(head)
+    return state
+
+
+def plan_partial(config: ScoreConfig) -> tuple[Path, dict | None]:
+    """Decide what to do with a partial file beside ``config.out``: (its path, its metadata when continuing)."""
+    path = partial_path_for(config.out)
+    exists = path.is_file()
+    if config.resume:
+        if not exists:
+            raise FisherscanError(f"--resume: no partial file {path}; start without --resume")
+    elif not exists:
+        return path, None
+    elif config.overwrite:
+        path.unlink()
+        return path, None
+    info = read_partial_info(path)
+    changed = changed_options(info["options"], config)
+    if changed:
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        if config.resume:
+            raise FisherscanError(f"--resume: the partial file {path} was made with other options ({shown}); "
+                                  "use the same options, or delete it or pass --overwrite to start afresh")
+        raise FisherscanError(f"{path} holds a stopped run with other options ({shown}); continue it with the same "
+                              "options and --resume, or delete it or pass --overwrite to start afresh")
+    return path, info
 
 
 def cycle(loader) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[int]]]:
@@ -308,6 +489,7 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
     """Run the whole ``score`` job and write ``config.out`` (+ the head beside it)."""
     check_config(config)
     device = resolve_device(config.device)
+    partial_path, partial = plan_partial(config) if config.estimator == "diagonal" else (None, None)
     torch.manual_seed(config.seed)
     layout, pairs = find_pairs(config.data, config.layout, config.split)
     pairs = select_images(pairs, config.images, config.seed)
@@ -330,10 +512,17 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         notes.append("batches of one image have no batch spread: Eq. 6 applies no shift, so F(x') = F(x)")
 
     head_out = head_path_for(config.out)
+    run_notes = []  # about this invocation only (printed, not saved: a continued run writes the same file)
+    state = None
     with progress_bar(console) as progress:
         for p in segmenter.parameters():
             p.requires_grad_(False)
-        if config.head is not None:
+        if partial is not None:  # the head and the sums so far come from the partial file: no warm-up again
+            state = restore_partial(partial_path, partial, segmenter)
+            warmup = partial["warmup"]
+            run_notes.append(f"continued the stopped run in {partial_path} from image {state.next_image} of "
+                             f"{len(dataset)} (its head and sums; no new warm-up)")
+        elif config.head is not None:
             head_info = load_head(config.head, segmenter)
             warmup = {"source": str(config.head), "loaded": head_info}
         else:
@@ -346,9 +535,25 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
 
         for p in segmenter.backbone.parameters():
             p.requires_grad_(True)
-        estimate = run_diagonal if config.estimator == "diagonal" else run_variational
-        f_clean, f_shift, magnitude, extra = estimate(segmenter, loader, config, device,
-                                                      torch.bfloat16 if autocast else None, progress)
+        autocast_dtype = torch.bfloat16 if autocast else None
+        if config.estimator == "diagonal":
+            def save(current: ScoringState) -> None:
+                save_partial(partial_path, current, segmenter, config, warmup)
+
+            f_clean, f_shift, magnitude, extra = run_diagonal(segmenter, loader, config, device, autocast_dtype,
+                                                              progress, state=state, save=save)
+        else:
+            f_clean, f_shift, magnitude, extra = run_variational(segmenter, loader, config, device, autocast_dtype,
+                                                                 progress)
+    if extra.get("stopped"):
+        run_notes.append(f"stopped after {config.stop_after} batch{'es' if config.stop_after != 1 else ''} (--stop-after): {extra['batches_done']} of "
+                         f"{extra['batches_total']} batches done; continue with --resume")
+        return ScoreResult(scores={}, metadata={}, head_path=head_out, notes=run_notes, finished=False,
+                           partial_path=partial_path, batches_done=extra["batches_done"],
+                           batches_total=extra["batches_total"])
+    if extra.get("bad_batches"):
+        notes.append(f"{extra['bad_batches']} of {extra['batches_total']} batches had non-finite losses or gradients "
+                     "and were skipped (their images are not in the scores)")
 
     groups = parameter_groups(segmenter.backbone.named_parameters())
     candidates = candidate_names(groups)
@@ -357,6 +562,10 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         return {name.removeprefix("backbone."): value.cpu() for name, value in by_name.items()}
 
     scores, terms = combine(strip(f_clean), strip(f_shift), magnitude, config, candidates)
+    for kind, by_name in scores.items():  # finite batches can still overflow float32 when summed
+        if not all_finite(by_name):
+            raise FisherscanError(f"the {kind} scores are not finite (float32 overflow of the gradient sums); "
+                                  "check the weights and --warmup-lr")
     if config.estimator == "variational":
         scores["precision"], scores["precision_shift"] = strip(extra["precision"]), strip(extra["precision_shift"])
         terms["variational"] = extra["variational"]
@@ -375,6 +584,7 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         "random_init": backbone.random_init,
         "estimator": config.estimator,
         "images": extra["images"],
+        "bad_batches": extra.get("bad_batches"),
         "seed": config.seed,
         "labels": config.labels,
         "loss_reduction": "per image: sum of pixel cross-entropy over valid pixels (ignore 255 and padding); "
@@ -394,9 +604,13 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         "num_classes": NUM_CLASSES,
         "device": device.type,
         "autocast": "bfloat16" if autocast else None,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+        "options": {k: v for k, v in config_options(config).items() if k not in RUN_CONTROL},
         "notes": notes,
     }
     save_scores(config.out, scores, metadata)
     save_head(head_out, segmenter, {"model": config.model, "num_classes": NUM_CLASSES, "scores": str(config.out)})
-    return ScoreResult(scores=scores, metadata=metadata, head_path=head_out, notes=notes)
+    if partial_path is not None and partial_path.exists():
+        partial_path.unlink()
+    return ScoreResult(scores=scores, metadata=metadata, head_path=head_out, notes=notes + run_notes,
+                       partial_path=partial_path, batches_done=extra.get("batches_done", 0),
+                       batches_total=extra.get("batches_total", 0))
