@@ -73,11 +73,14 @@ def candidate_names(groups: dict[str, list[GroupSlice]]) -> list[str]:
     return [name for name, pieces in groups.items() if any(p.group in CANDIDATE_GROUPS for p in pieces)]
 
 
-def candidate_mask(name: str, shape: torch.Size, groups: dict[str, list[GroupSlice]]) -> torch.Tensor:
-    """Boolean tensor of ``shape``: True where the element is a candidate (Eq. 3)."""
+def candidate_mask(name: str, shape: torch.Size, groups: dict[str, list[GroupSlice]],
+                   allowed: Iterable[str] = CANDIDATE_GROUPS) -> torch.Tensor:
+    """Boolean tensor of ``shape``: True where the element belongs to an ``allowed`` group (default: the
+    candidates of Eq. 3)."""
+    allowed = set(allowed)
     mask = torch.zeros(shape, dtype=torch.bool)
     for piece in groups[name]:
-        if piece.group in CANDIDATE_GROUPS:
+        if piece.group in allowed:
             if len(shape):
                 mask[piece.rows] = True
             else:

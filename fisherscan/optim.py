@@ -8,8 +8,6 @@ and the new value is ``torch.where(mask, updated, old)``, so an unselected eleme
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -63,10 +61,3 @@ class MaskedAdamW:
             self.exp_avg_sq[name].copy_(state["exp_avg_sq"][name])
         self.step_count = int(state["step"])
 
-
-def count_elements(masks: dict[str, torch.Tensor]) -> int:
-    return int(sum(int(m.sum()) for m in masks.values()))
-
-
-def total_elements(shapes) -> int:
-    return int(sum(math.prod(s) for s in shapes))

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from .groups import CANDIDATE_GROUPS, parameter_groups
+from .groups import CANDIDATE_GROUPS, candidate_mask, parameter_groups
 
 STRATEGIES = ("scores", "full", "freeze", "random", "random-q", "random-k", "random-v", "fim", "delta", "drfim")
 SCORE_STRATEGIES = ("fim", "delta", "drfim")
@@ -44,17 +44,8 @@ def candidate_elements(shapes: dict[str, torch.Size], groups_allowed: Iterable[s
     """(parameter names in fixed order, boolean vector over all their elements: allowed-group element?)."""
     names = sorted(shapes)
     groups = parameter_groups((name, shapes[name]) for name in names)
-    allowed = set(groups_allowed)
-    parts = []
-    for name in names:
-        mask = torch.zeros(shapes[name], dtype=torch.bool)
-        for piece in groups[name]:
-            if piece.group in allowed:
-                if len(shapes[name]):
-                    mask[piece.rows] = True
-                else:
-                    mask.fill_(True)
-        parts.append(mask.reshape(-1))
+    allowed = tuple(groups_allowed)
+    parts = [candidate_mask(name, shapes[name], groups, allowed).reshape(-1) for name in names]
     return names, torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
