@@ -198,17 +198,18 @@ def shift_weight(magnitude: float) -> float:
     return math.exp(-magnitude)
 
 
-def dr_fim(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
-           normalize: bool = True, candidates: Iterable[str] | None = None,
-           eps: float | None = None) -> dict[str, torch.Tensor]:
-    """Eq. 7: DRF = F(x) + w * Delta F (Eq. 5), w the shift weight.
+def dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
+                 normalize: bool = True, candidates: Iterable[str] | None = None, eps: float | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """Eq. 7 with its parts: (Delta F of Eq. 5, DRF = F(x) + w * Delta F, the scale F was divided by).
 
     ``normalize=True`` (fisherscan's default, FISHERTUNE.md): F(x) and F(x') are divided by the mean of F(x)
     over the candidate elements first, so both terms are O(1), and Eq. 5's eps is a relative floor (default
-    1e-3). ``normalize=False`` is the literal formula with eps = 1e-8.
+    1e-3). ``normalize=False`` is the literal formula with eps = 1e-8 (scale 1).
     """
     if eps is None:
         eps = 1e-3 if normalize else 1e-8
+    scale = 1.0
     if normalize:
         scale = fisher_scale(f_clean, candidates)
         if scale <= 0:
@@ -216,4 +217,11 @@ def dr_fim(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], s
         f_clean = {n: v / scale for n, v in f_clean.items()}
         f_shift = {n: v / scale for n, v in f_shift.items()}
     delta = delta_fisher(f_clean, f_shift, eps)
-    return {name: f_clean[name] + shift_weight * delta[name] for name in f_clean}
+    return delta, {name: f_clean[name] + shift_weight * delta[name] for name in f_clean}, scale
+
+
+def dr_fim(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
+           normalize: bool = True, candidates: Iterable[str] | None = None,
+           eps: float | None = None) -> dict[str, torch.Tensor]:
+    """Eq. 7: DRF = F(x) + w * Delta F (Eq. 5), w the shift weight; normalisation as in ``dr_fim_terms``."""
+    return dr_fim_terms(f_clean, f_shift, shift_weight, normalize, candidates, eps)[1]

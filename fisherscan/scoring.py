@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .data import NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, find_pairs, make_loader, padded_size, select_images, validate_pairs
 from .errors import FisherscanError
-from .fisher import (LABEL_MODES, FisherAccumulator, delta_fisher, dr_fim, fisher_scale, shift_weight,
+from .fisher import (LABEL_MODES, FisherAccumulator, dr_fim_terms, shift_weight,
                      squared_gradient_sum, trainable_parameters, upsample_logits)
 from .groups import candidate_names, parameter_groups
 from .models import build_backbone
@@ -471,11 +471,10 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
     """Eq. 5 and Eq. 7 with FISHERTUNE.md's normalisation, relative eps and shift weight."""
     weight = config.shift_weight if config.shift_weight is not None else shift_weight(magnitude)
     eps = config.delta_eps if config.delta_eps is not None else (1e-3 if config.normalize else 1e-8)
-    scale = fisher_scale(f_clean, candidates) if config.normalize else 1.0
-    if scale <= 0:
-        raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps")
-    delta = delta_fisher({n: v / scale for n, v in f_clean.items()}, {n: v / scale for n, v in f_shift.items()}, eps)
-    drfim = dr_fim(f_clean, f_shift, weight, normalize=config.normalize, candidates=candidates, eps=eps)
+    try:
+        delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps)
+    except ValueError:
+        raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") from None
     scores = {"fim": f_clean, "fim_shift": f_shift, "delta": delta, "drfim": drfim}
     terms = {"normalization": {"mode": "candidate-mean" if config.normalize else "none", "scale": scale},
              "delta_eps": eps,
