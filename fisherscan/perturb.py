@@ -11,7 +11,8 @@ size 1 the batch variance is undefined; the spread is taken as 0 there (x' = x) 
 
 The batch spread (Sigma_mu, Sigma_sigma) defines the simulated domain and is held constant (detached): each
 image's perturbed loss then depends on that image alone, so per-image gradients (Eq. 9) are well defined.
-Prefix tokens (cls, registers) pass unchanged.
+Prefix tokens (cls, registers) pass unchanged. A block fed a token map (B, h, w, C), as SAM's are, is shifted
+the same way over its h * w tokens.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def block_input(segmenter: nn.Module, x: torch.Tensor, site: int) -> torch.Tensor:
-    """The tokens (B, prefix + N, C) entering backbone block ``site``, ahead of any other pre-hook (such as an
-    active ``TokenShift``); the forward stops there."""
+    """The tokens (B, prefix + N, C) entering backbone block ``site`` (a token map (B, h, w, C) flattened), ahead
+    of any other pre-hook (such as an active ``TokenShift``); the forward stops there."""
 
     def capture(module, args):
         raise _Captured(args[0])
@@ -92,7 +93,8 @@ def block_input(segmenter: nn.Module, x: torch.Tensor, site: int) -> torch.Tenso
     try:
         segmenter(x)
     except _Captured as captured:
-        return captured.tokens
+        tokens = captured.tokens
+        return tokens.flatten(1, 2) if tokens.dim() == 4 else tokens
     finally:
         handle.remove()
     raise RuntimeError(f"block {site} was never reached")  # pragma: no cover - every ViT runs all blocks
@@ -110,17 +112,20 @@ class TokenShift:
         if not 0 <= site < depth:
             raise ValueError(f"perturbation site {site} is outside the backbone's blocks 0..{depth - 1}")
         self.block = segmenter.backbone.blocks[site]
-        self.prefix = segmenter.backbone.num_prefix_tokens
+        self.prefix = getattr(segmenter.backbone, "num_prefix_tokens", 0)
         self.spread: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eps: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handle = None
 
     def _shift(self, module, args):
         tokens = args[0]
+        shape = tokens.shape
+        if tokens.dim() == 4:  # a token map (B, h, w, C)
+            tokens = tokens.flatten(1, 2)
         (spread_mu, spread_sigma), (eps_mu, eps_sigma) = self.spread, self.eps
         patch, _ = shift_statistics(tokens[:, self.prefix:], eps_mu, eps_sigma,
                                     spread_mu.to(tokens.dtype), spread_sigma.to(tokens.dtype))
-        return (torch.cat([tokens[:, : self.prefix], patch.to(tokens.dtype)], dim=1), *args[1:])
+        return (torch.cat([tokens[:, : self.prefix], patch.to(tokens.dtype)], dim=1).reshape(shape), *args[1:])
 
     def __enter__(self) -> "TokenShift":
         self._handle = self.block.register_forward_pre_hook(self._shift)

@@ -230,7 +230,7 @@ def prepare_shift(segmenter: Segmenter, shift: TokenShift, x: torch.Tensor, indi
                   config: ScoreConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
     """Set Eq. 6's batch spread on ``shift``; return each image's eps draws (keyed on (seed, image index)) and
     the sum over images of the mean relative shift s they apply."""
-    tokens = block_input(segmenter, x, config.perturb_at)[:, segmenter.backbone.num_prefix_tokens:].float()
+    tokens = block_input(segmenter, x, config.perturb_at)[:, getattr(segmenter.backbone, 'num_prefix_tokens', 0):].float()
     shift.spread = statistic_spread(*channel_statistics(tokens))
     draws = [draw_eps(1, tokens.shape[-1], keyed_generator(config.seed, i, "shift")) for i in indices]
     eps = (torch.cat([d[0] for d in draws]).to(x.device), torch.cat([d[1] for d in draws]).to(x.device))

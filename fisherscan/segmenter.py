@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import FisherscanError
+from .models import patch_tokens
 
 DECODERS = ("linear", "multilevel")
 
@@ -88,12 +89,12 @@ class Segmenter(nn.Module):
 
     def features(self, x: torch.Tensor) -> tuple:
         """What the decoder reads: (patch tokens (B, N, D) of the last block after the final norm, grid (h, w))
-        for ``linear``; (list of 4 block maps (B, D, h, w),) for ``multilevel``."""
+        for ``linear`` (``models.patch_tokens``: per family); (list of 4 block maps (B, D, h, w),) for
+        ``multilevel``."""
         if self.decoder_name == "multilevel":
             return (self.backbone.forward_intermediates(x, indices=self.decoder.blocks, intermediates_only=True),)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        tokens = self.backbone.forward_features(x)
-        return tokens[:, self.backbone.num_prefix_tokens:], grid
+        return patch_tokens(self.backbone, x), grid
 
     def decode(self, features: tuple) -> torch.Tensor:
         """The decoder on ``features(x)`` computed elsewhere (e.g. without gradients, in bf16): fp32 logits."""
