@@ -22,11 +22,14 @@ parameters keep their official shapes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -315,6 +318,63 @@ def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             and not isinstance(fc_norm, nn.Identity):
         tokens = fc_norm(tokens)
     return tokens[:, getattr(model, "num_prefix_tokens", 0):]
+
+
+@contextlib.contextmanager
+def _skip_truncated_normal_init() -> Iterator[None]:
+    """timm's truncated-normal init is slow on the meta device (decomposed into Python meta kernels) and means
+    nothing there; skip it while building shapes only."""
+    import timm.layers.weight_init as weight_init
+
+    saved = weight_init._trunc_normal_, nn.init.trunc_normal_
+    weight_init._trunc_normal_ = nn.init.trunc_normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        weight_init._trunc_normal_, nn.init.trunc_normal_ = saved
+
+
+def meta_architecture(spec: str) -> nn.Module:
+    """The backbone of ``spec`` on the meta device: names and shapes without memory or weight init."""
+    with _skip_truncated_normal_init(), torch.device("meta"):
+        return create_architecture(spec)
+
+
+def candidate_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Elements in the candidate groups Q, K, V, FFN (Eq. 3) of parameters given by name -> shape."""
+    from .groups import CANDIDATE_GROUPS, parameter_groups
+
+    total = 0
+    for name, pieces in parameter_groups(shapes.items()).items():
+        shape = tuple(shapes[name])
+        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        total += sum((p.rows.stop - p.rows.start) * per_row for p in pieces if p.group in CANDIDATE_GROUPS)
+    return total
+
+
+@dataclass(frozen=True)
+class RegistryRow:
+    """One line of ``fisherscan models``."""
+
+    entry: ModelEntry
+    cached: Path | None
+    parameters: int | None
+    candidates: int | None
+
+
+def registry_rows(counts: bool = False) -> list[RegistryRow]:
+    """Every short name with its hub-cache file (if present) and, with ``counts``, its parameter and candidate
+    element counts (full size, computed on the meta device)."""
+    rows = []
+    for entry in REGISTRY.values():
+        cached = hub_checkpoint_dir() / entry.official_file
+        parameters = candidates = None
+        if counts:
+            shapes = {name: p.shape for name, p in meta_architecture(entry.name).named_parameters()}
+            parameters = sum(math.prod(shape) for shape in shapes.values())
+            candidates = candidate_count(shapes)
+        rows.append(RegistryRow(entry, cached if cached.is_file() else None, parameters, candidates))
+    return rows
 
 
 @dataclass
