@@ -4,6 +4,12 @@ Eq. 3 lists the candidates for fine-tuning per block l: theta_Q, theta_K, theta_
 ``attn.qkv`` weight or bias of 3D rows holds Q, K and V as its three row blocks, in that order; models with
 separate projections (``q_proj``/``k_proj``/``v_proj``, EVA's ``q_bias``/``v_bias``) map directly.
 Every other parameter gets one of attn-proj, norm, embed or other, so a score file can be summarised whole.
+
+Per family (timm layouts, CHECKPOINTS.md): DINOv2, CLIP, SAM and MAE have a fused ``attn.qkv`` (with bias);
+EVA02 has ``q_proj``/``k_proj``/``v_proj`` (no K bias) and a SwiGLU FFN whose every part -- ``mlp.fc1_g``
+(gate), ``mlp.fc1_x``, the sub-layer norm ``mlp.norm`` and ``mlp.fc2`` -- is FFN. SAM's relative position
+tables ``attn.rel_pos_h/w`` (windowed and global blocks alike) and LayerScale gammas are "other". MAE's fixed
+sin-cos ``pos_embed`` is a buffer (``models.adapt_architecture``), so it never appears here.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ CANDIDATE_GROUPS = ("Q", "K", "V", "FFN")
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _RULES: tuple[tuple[str, str], ...] = (  # (regex on the name inside a block or at top level, group); first match
+    (r"attn\.rel_pos_[hw]$", "other"),
     (r"attn\.(q_proj|q)\.(weight|bias)$|attn\.q_bias$", "Q"),
     (r"attn\.(k_proj|k)\.(weight|bias)$|attn\.k_bias$", "K"),
     (r"attn\.(v_proj|v)\.(weight|bias)$|attn\.v_bias$", "V"),

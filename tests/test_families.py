@@ -24,12 +24,14 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
 from fisherscan.cli import app
 from fisherscan.errors import FisherscanError
 from fisherscan.models import REGISTRY, build_backbone, mae_sincos_table, read_state_dict
+from fisherscan.segmenter import Segmenter
 from fisherscan.synthetic import write_dataset
 from fisherscan.torchscript import read_torchscript_tensors
 
@@ -278,6 +280,37 @@ def test_missing_key_after_conversion_is_one_line(tmp_path, official_files):
     assert torch.equal(model.state_dict()["blocks.0.attn.rel_pos_h"], expected["blocks.0.attn.rel_pos_h"])
 
 
+# ---- what the segmenter reads -----------------------------------------------------------------------------
+
+
+def test_eva02_patch_tokens_pass_the_files_final_norm(official_files):
+    """The original EVA02 applies its final ``norm`` to every token; timm keeps it as ``fc_norm`` (after pooling
+    only). Oracle: LayerNorm with the weights stored under ``norm.`` in the official file, applied here."""
+    path, expected = official_files["eva02"]
+    model = build_backbone(spec_of("eva02"), weights=path).model
+    official = official_eva02(expected)["module"]
+    x = torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(0))
+    tokens, grid = Segmenter(model, 4).features(x)
+    with torch.no_grad():
+        raw = model.forward_features(x)
+    want = F.layer_norm(raw, (32,), official["norm.weight"], official["norm.bias"], eps=1e-6)[:, 1:]
+    assert grid == (2, 3) and tokens.shape == (2, 6, 32)
+    torch.testing.assert_close(tokens, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tokens, raw[:, 1:], atol=1e-2)  # the norm does change the tokens
+
+
+def test_sam_patch_tokens_are_the_last_blocks_without_neck(official_files):
+    """Oracle: timm's forward_intermediates (another code path) at the last block, as (B, h*w, D)."""
+    path, _ = official_files["sam"]
+    model = build_backbone(spec_of("sam"), weights=path).model
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    tokens, grid = Segmenter(model, 4).features(x)
+    with torch.no_grad():
+        last = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+    assert grid == (2, 3) and tokens.shape == (2, 6, 32)  # the width of the blocks, not the neck's 256
+    torch.testing.assert_close(tokens, last.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)  # N(0, 1) weights: large values
+
+
 # ---- safety: nothing in a checkpoint runs --------------------------------------------------------------
 
 
@@ -289,18 +322,19 @@ class _Payload:
         return os.system, (f"touch '{self.marker}'",)
 
 
+def _script_object():  # pragma: no cover - stands for a __torch__ class; never resolved by the reader
+    return None
+
+
 class _ScriptPayload:
-    """Pickles as GLOBAL '__torch__.evil Model' whose BUILD state holds a live os.system call."""
+    """Pickles as a call of ``_script_object`` (renamed to ``__torch__.evil.Model`` in the bytes) followed by a
+    BUILD whose state holds a live os.system call."""
 
     def __init__(self, marker: Path):
         self.marker = marker
 
     def __reduce__(self):
-        return _ScriptPayload._rebuild, (), {"visual.proj": _Payload(self.marker)}
-
-    @staticmethod
-    def _rebuild():  # pragma: no cover - never resolved by the reader
-        return _ScriptPayload(Path("/nonexistent"))
+        return _script_object, (), {"visual.proj": _Payload(self.marker)}
 
 
 def torchscript_style_zip(path: Path, payload: bytes) -> None:
@@ -319,8 +353,10 @@ def test_malicious_torchscript_archive_is_not_executed(tmp_path, suffix, where):
     if where == "top":
         payload = pickle.dumps({"visual.conv1.weight": _Payload(marker)}, protocol=2)
     else:  # a __torch__ object whose attribute state calls os.system
-        payload = pickle.dumps(_ScriptPayload(marker), protocol=2).replace(
-            b"test_families\n_ScriptPayload._rebuild", b"__torch__.evil\nModel")
+        payload = pickle.dumps(_ScriptPayload(marker), protocol=2)
+        own = f"{_script_object.__module__}\n_script_object".encode()
+        assert own in payload
+        payload = payload.replace(own, b"__torch__.evil\nModel")
     probe = tmp_path / "probe"  # the payload is live: plain pickle runs it (so this test can fail)
     pickle.loads(pickle.dumps(_Payload(probe)))
     assert probe.exists()
@@ -331,6 +367,7 @@ def test_malicious_torchscript_archive_is_not_executed(tmp_path, suffix, where):
         with pytest.raises(FisherscanError) as info:
             call()
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+        assert "system" in str(info.value)  # refused at the os.system global, inside the object's state too
     assert not marker.exists()
 
 

@@ -7,6 +7,8 @@ the rows that group_slices calls Q, K and V.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -22,6 +24,7 @@ from fisherscan.groups import (
     group_slices,
     parameter_groups,
 )
+from fisherscan.models import REGISTRY, create_architecture, meta_architecture
 
 DEPTH = 2
 
@@ -41,6 +44,8 @@ EXPECTED = {
     "mlp.fc1.weight": "FFN", "mlp.fc1.bias": "FFN", "mlp.fc2.weight": "FFN", "mlp.fc2.bias": "FFN",
     "mlp.fc1_g.weight": "FFN", "mlp.fc1_g.bias": "FFN", "mlp.fc1_x.weight": "FFN", "mlp.fc1_x.bias": "FFN",
     "mlp.norm.weight": "FFN", "mlp.norm.bias": "FFN",
+    "norm_pre.weight": "norm", "norm_pre.bias": "norm",  # CLIP's ln_pre
+    "attn.rel_pos_h": "other", "attn.rel_pos_w": "other",  # SAM
 }
 
 MODELS = {
@@ -49,6 +54,10 @@ MODELS = {
     "eva02_separate": ("eva02_tiny_patch14_224", {"qkv_fused": False, "scale_mlp": True}),
     "eva02_fused": ("eva02_tiny_patch14_224", {}),
     "vit": ("vit_tiny_patch16_224", {}),
+    # the registry's families as fisherscan builds them (SAM without neck, MAE's pos_embed a buffer)
+    "clip": ("clip_vitl14", {"embed_dim": 32, "num_heads": 2}),
+    "sam": ("sam_vitb16", {"embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1,)}),
+    "mae": ("mae_vitb16", {"embed_dim": 32, "num_heads": 2}),
 }
 
 
@@ -56,7 +65,11 @@ MODELS = {
 def model(request):
     name, kwargs = MODELS[request.param]
     torch.manual_seed(0)
-    m = timm.create_model(name, depth=DEPTH, num_classes=0, **kwargs).eval()
+    if name in REGISTRY:
+        query = "&".join(f"{k}={v!r}".replace(" ", "") for k, v in {"depth": DEPTH, **kwargs}.items())
+        m = create_architecture(f"{name}?{query}").eval()
+    else:
+        m = timm.create_model(name, depth=DEPTH, num_classes=0, **kwargs).eval()
     m.tag = request.param
     return m
 
@@ -89,8 +102,10 @@ def test_expected_names_are_the_real_ones(model):
     if model.tag == "eva02_separate":
         assert {"attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "mlp.fc1_g.weight",
                 "mlp.fc1_x.weight", "mlp.norm.weight", "mlp.fc2.weight"} <= locals_
-    if model.tag in ("dinov2", "vit", "eva02_fused"):
+    if model.tag in ("dinov2", "vit", "eva02_fused", "clip", "sam", "mae"):
         assert "attn.qkv.weight" in locals_
+    if model.tag == "sam":
+        assert {"attn.rel_pos_h", "attn.rel_pos_w"} <= locals_
 
 
 def test_every_parameter_is_mapped_as_expected(model):
@@ -142,6 +157,8 @@ def _captured_qkv(attn: torch.nn.Module, x: torch.Tensor, monkeypatch) -> dict[s
 
     def spy(q, k, v, *args, **kwargs):
         for key, t in zip("qkv", (q, k, v)):
+            if t.dim() == 3:  # SAM: (B * heads, N, head_dim)
+                t = t.reshape(x.shape[0], -1, *t.shape[1:])
             b, h, n, hd = t.shape
             seen[key] = t.transpose(1, 2).reshape(b, n, h * hd)
         return real(q, k, v, *args, **kwargs)
@@ -167,8 +184,9 @@ def test_q_k_v_pieces_are_what_attention_uses(model, monkeypatch):
             if "attn" in name and name.endswith(("bias", "q_bias", "v_bias")):
                 p.normal_()
     for i, block in enumerate(model.blocks):
-        x = torch.randn(2, 7, d)
+        x = torch.randn(2, 2, 3, d) if model.tag == "sam" else torch.randn(2, 7, d)  # SAM: a token map
         seen = _captured_qkv(block.attn, x, monkeypatch)
+        x = x.flatten(1, 2) if x.dim() == 4 else x
         for letter in "QKV":
             weight = torch.zeros(d, d)
             bias = torch.zeros(d)
@@ -229,3 +247,59 @@ def test_group_slices_edge_cases():
     assert group_slices("mask_token", (1, 384)) == [GroupSlice(-1, "embed", slice(0, 1))]
     assert group_slices("some.unknown", (5,)) == [GroupSlice(-1, "other", slice(0, 5))]
     assert set(CANDIDATE_GROUPS) == {"Q", "K", "V", "FFN"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the full-size backbones of Table 1, on the meta device (names and shapes only)
+
+# short name -> (depth, width D, FFN hidden H, head dim), from the families' papers / CHECKPOINTS.md
+FULL = {
+    "dinov2_vitl14": (24, 1024, 4096, 64),
+    "clip_vitl14": (24, 1024, 4096, 64),
+    "eva02_vitl14": (24, 1024, 2730, 64),  # SwiGLU hidden int(1024 * 4 * 2 / 3)
+    "sam_vith16": (32, 1280, 5120, 80),
+    "mae_vith14": (32, 1280, 5120, 80),
+}
+
+
+@pytest.mark.parametrize("short", sorted(FULL))
+def test_full_size_groups_match_known_shapes(short):
+    """Every candidate element of the full-size model lies in exactly one of Q, K, V, FFN, and per block the
+    counts equal the closed forms of the family's layout: Q, V = D x D + bias D (K without bias in EVA02),
+    FFN = fc1 + fc2 (EVA02: gate fc1_g, fc1_x, sub-norm, fc2)."""
+    depth, d, hidden, head_dim = FULL[short]
+    shapes = {name: tuple(p.shape) for name, p in meta_architecture(short).named_parameters()}
+    eva = short.startswith("eva02")
+    counts: dict[tuple[int, str], int] = {}
+    for name, pieces in parameter_groups(shapes.items()).items():
+        shape = shapes[name]
+        rows = torch.zeros(shape[0] if shape else 1, dtype=torch.int64)
+        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        for piece in pieces:
+            rows[piece.rows] += 1
+            if piece.group in CANDIDATE_GROUPS:
+                key = (piece.block, piece.group)
+                counts[key] = counts.get(key, 0) + (piece.rows.stop - piece.rows.start) * per_row
+        assert torch.all(rows == 1), name  # each element in exactly one group
+    if eva:
+        q = v = d * d + d
+        k = d * d
+        ffn = 2 * (d * hidden + hidden) + 2 * hidden + hidden * d + d
+        assert shapes["blocks.0.attn.q_proj.weight"] == (d, d) and "blocks.0.attn.k_proj.bias" not in shapes
+        assert shapes["blocks.0.mlp.fc1_g.weight"] == shapes["blocks.0.mlp.fc1_x.weight"] == (hidden, d)
+        assert shapes["blocks.0.mlp.norm.weight"] == (hidden,) and shapes["blocks.0.mlp.fc2.weight"] == (d, hidden)
+    else:
+        q = k = v = d * d + d
+        ffn = 2 * d * hidden + hidden + d
+        assert shapes["blocks.0.attn.qkv.weight"] == (3 * d, d) and shapes["blocks.0.attn.qkv.bias"] == (3 * d,)
+        assert shapes["blocks.0.mlp.fc1.weight"] == (hidden, d)
+    expected = {(b, g): n for b in range(depth) for g, n in (("Q", q), ("K", k), ("V", v), ("FFN", ffn))}
+    assert counts == expected  # nothing outside the blocks is a candidate
+    if short.startswith("sam"):
+        for b in range(depth):
+            size = 127 if b in (7, 15, 23, 31) else 27  # global blocks see the whole 64x64 grid, others 14x14
+            assert shapes[f"blocks.{b}.attn.rel_pos_h"] == shapes[f"blocks.{b}.attn.rel_pos_w"] == (size, head_dim)
+            assert group_slices(f"blocks.{b}.attn.rel_pos_h", (size, head_dim))[0].group == "other"
+        assert not any(name.startswith("neck.") for name in shapes)
+    if short.startswith("mae"):
+        assert "pos_embed" not in shapes  # the fixed sin-cos table is a buffer: never scored or tuned
