@@ -56,6 +56,7 @@ class ScoreConfig:
     out: Path
     weights: Path | None = None
     random_init: bool = False
+    strict: bool = True  # --no-strict: load the checkpoint keys that match, leave the rest
     layout: str = "auto"
     split: str = "train"
     images: int | None = None
@@ -494,7 +495,8 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
     pairs = select_images(pairs, config.images, config.seed)
     validate_pairs(pairs)
 
-    backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init)
+    backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
+                              strict=config.strict)
     segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
     depth = len(segmenter.backbone.blocks)
     if not 0 <= config.perturb_at < depth:

@@ -48,6 +48,7 @@ class TuneConfig:
     out: Path
     weights: Path | None = None
     random_init: bool = False
+    strict: bool = True  # --no-strict: load the checkpoint keys that match, leave the rest
     layout: str = "auto"
     split: str = "train"
     images: int | None = None
@@ -153,7 +154,8 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     layout, pairs = find_pairs(config.data, config.layout, config.split)
     pairs = select_images(pairs, config.images, config.seed)
     validate_pairs(pairs)
-    backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init)
+    backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
+                              strict=config.strict)
     segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
     check_scores_match(scores, score_meta, segmenter.backbone, config.scores)
     targets = prepare_datasets(list(config.eval), config.eval_layout, config.eval_split) if config.eval else []
@@ -392,7 +394,8 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
                               f"({manifest['weights_sha256'][:12]}...); pass the original file")
     with torch.random.fork_rng(devices=[]):  # an untrained base is rebuilt from the run's seed
         torch.manual_seed(manifest["options"]["seed"])
-        backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False))
+        backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False),
+                                  strict=manifest["options"].get("strict", True))
     segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"])
     tensors = load_file(str(model_path))
     own = dict(segmenter.backbone.named_parameters())

@@ -396,3 +396,42 @@ def test_score_runs_on_every_family(family, official_files, tiny_data, tmp_path)
     assert all(torch.isfinite(v).all() for v in scores.values())
     qkv = "blocks.1.attn.q_proj.weight" if family == "eva02" else "blocks.1.attn.qkv.weight"
     assert scores[f"fim/{qkv}"].abs().sum() > 0  # gradients reach the attention of the last block
+
+
+def test_score_strict_and_no_strict(official_files, tiny_data, tmp_path):
+    """A converted checkpoint missing a key: one error line by default, loads what matches with --no-strict."""
+    _, expected = official_files["sam"]
+    path = tmp_path / "sam_cut.pth"
+    torch.save(official_sam({k: v for k, v in expected.items() if k != "blocks.0.attn.rel_pos_w"}), path)
+    base = ["score", "--model", spec_of("sam"), "--weights", path, "--data", tiny_data, "--crop", 32,
+            "--batch-size", 2, "--warmup-steps", 1, "--workers", 0, "--device", "cpu"]
+    strict = CliRunner().invoke(app, [str(a) for a in base + ["--out", tmp_path / "a.safetensors"]])
+    assert strict.exit_code == 2
+    lines = [line for line in strict.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "1 missing (blocks.0.attn.rel_pos_w)" in lines[0]
+    loose = CliRunner().invoke(app, [str(a) for a in base + ["--out", tmp_path / "b.safetensors", "--no-strict"]])
+    assert loose.exit_code == 0, loose.stderr
+
+
+def test_tune_never_touches_the_mae_position_table(official_files, tiny_data, tmp_path):
+    """Tuning every element of every group, embed included: cls_token moves, the sin-cos table cannot."""
+    from fisherscan.scores import save_scores
+    from fisherscan.tuning import TuneConfig, load_run, run_tune
+
+    path, expected = official_files["mae"]
+    spec = spec_of("mae")
+    names = [n for n, _ in build_backbone(spec, weights=path).model.named_parameters()]
+    assert "pos_embed" not in names
+    scores = tmp_path / "scores.safetensors"
+    ones = {n: torch.ones(expected[n].shape) for n in names}
+    save_scores(scores, {kind: ones for kind in ("fim", "fim_shift", "delta", "drfim")},
+                {"model": spec, "images": 2, "head": None})
+    run_tune(TuneConfig(scores=scores, model=spec, weights=path, data=tiny_data, out=tmp_path / "run", crop=28,
+                        batch_size=2, steps=1, lr=0.1, strategy="full", candidates=("Q", "K", "V", "FFN", "embed"),
+                        warmup_steps=1, workers=0, device="cpu"))
+    tuned, _ = load_run(tmp_path / "run")
+    state = tuned.backbone.state_dict()
+    assert not torch.equal(state["cls_token"], expected["cls_token"])
+    assert torch.equal(state["pos_embed"], expected["pos_embed"])
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert not any(key.endswith("/pos_embed") for key in saved)

@@ -444,3 +444,40 @@ def test_timm_spec_with_create_model_arguments():
     assert len(model.blocks) == 2 and float(model.blocks[0].ls1.gamma[0].detach()) == 1.0
     with pytest.raises(FisherscanError, match="does not take these arguments"):
         create_architecture("timm:vit_tiny_patch16_224?no_such_argument=3")
+
+
+def test_every_registry_name_asks_for_its_official_file(hub_home):
+    """Without a file, each short name's error names its own official file; a file placed there is found."""
+    for name, entry in models.REGISTRY.items():
+        with pytest.raises(FisherscanError, match=f"place {entry.official_file} in"):
+            resolve_weights(name, None, False)
+    checkpoints = hub_home / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "sam_vit_h_4b8939.pth").write_bytes(b"x")
+    assert resolve_weights("sam_vith16", None, False) == checkpoints / "sam_vit_h_4b8939.pth"
+    assert resolve_weights("sam_vith16?depth=2", None, False) == checkpoints / "sam_vit_h_4b8939.pth"
+
+
+def test_models_command_lists_names_files_and_counts(hub_home, monkeypatch):
+    """Oracle for the counts: closed forms of ViT-L/14 (24 blocks, D 1024, FFN 4096) and published sizes."""
+    from typer.testing import CliRunner
+
+    from fisherscan.cli import app
+
+    monkeypatch.setattr(models, "REGISTRY", {k: models.REGISTRY[k] for k in ("dinov2_vitl14", "clip_vitl14")})
+    checkpoints = hub_home / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "ViT-L-14.pt").write_bytes(b"x")
+    monkeypatch.setenv("COLUMNS", "250")
+    result = CliRunner().invoke(app, ["models", "--counts"])
+    assert result.exit_code == 0, result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│")}
+    assert set(lines) == {"dinov2_vitl14", "clip_vitl14"}
+    assert "vit_large_patch14_dinov2" in lines["dinov2_vitl14"] and "dinov2_vitl14_pretrain.pth" in lines["dinov2_vitl14"]
+    assert "vit_large_patch14_clip_quickgelu_224.openai" in lines["clip_vitl14"] and "ViT-L-14.pt" in lines["clip_vitl14"]
+    assert "found" in lines["clip_vitl14"] and "found" not in lines["dinov2_vitl14"]
+    d, h = 1024, 4096
+    candidates = 24 * (3 * (d * d + d) + 2 * d * h + h + d)
+    assert f"{candidates / 1e6:,.1f}M" == "277.0M"
+    assert "277.0M" in lines["dinov2_vitl14"] and "304.4M" in lines["dinov2_vitl14"]  # 304.37M: DINOv2's paper
+    assert str(checkpoints) in result.stdout.replace("\n", "")

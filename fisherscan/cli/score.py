@@ -28,11 +28,13 @@ def report_scores(result, out: Path) -> None:
 
 @app.command()
 def score(
-    model: str = typer.Option(..., "--model", help="dinov2_vit{s,b,l,g}14[_reg] or timm:<name>"),
+    model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; ?key=value&... passes create_model arguments"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
     out: Path = typer.Option(Path("scores.safetensors"), "--out", help="scores file to write"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="checkpoint (.pth official or .safetensors)"),
     random_init: bool = typer.Option(False, "--random-init", help="allow an untrained backbone"),
+    strict: bool = typer.Option(True, "--strict/--no-strict",
+                                help="checkpoint keys missing or unexpected after conversion are an error"),
     layout: str = typer.Option("auto", "--layout", help="auto|gta5|cityscapes|bdd100k|mapillary|acdc|generic"),
     split: str = typer.Option("train", "--split", help="dataset split where the layout has splits"),
     images: Optional[int] = typer.Option(None, "--images", help="score a seeded random subset of N images"),
@@ -70,7 +72,7 @@ def score(
     from ..scoring import ScoreConfig, run_score
 
     with user_errors():
-        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, layout=layout,
+        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict, layout=layout,
                              split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder, head=head,
                              warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, estimator=estimator,
                              gamma=gamma, tau=tau, var_steps=var_steps, var_lr=var_lr, var_scale=var_scale,

@@ -19,6 +19,8 @@ def tune(
     out: Path = typer.Option(..., "--out", help="run folder to write"),
     weights: Optional[Path] = typer.Option(None, "--weights"),
     random_init: bool = typer.Option(False, "--random-init"),
+    strict: bool = typer.Option(True, "--strict/--no-strict",
+                                help="checkpoint keys missing or unexpected after conversion are an error"),
     layout: str = typer.Option("auto", "--layout"),
     split: str = typer.Option("train", "--split"),
     images: Optional[int] = typer.Option(None, "--images"),
@@ -58,8 +60,8 @@ def tune(
 
     with user_errors():
         config = TuneConfig(
-            scores=scores, model=model, data=data, out=out, weights=weights, random_init=random_init, layout=layout,
-            split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
+            scores=scores, model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict,
+            layout=layout, split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
             strategy=strategy, score_kind=score_kind, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
             delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
             schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder, head=head,
