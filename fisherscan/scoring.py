@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,9 @@ def check_config(config: ScoreConfig) -> None:
         raise FisherscanError(f"--out {config.out}: name the scores file <name>.safetensors")
     if not Path(config.out).resolve().parent.is_dir():
         raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} does not exist; create it first")
+    if not os.access(Path(config.out).resolve().parent, os.W_OK):
+        raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} is not writable; choose another "
+                              "--out or fix its permissions")
 
 
 def progress_bar(console: Console | None) -> Progress:
@@ -420,8 +424,10 @@ def restore_partial(path: Path, info: dict, segmenter: Segmenter) -> ScoringStat
     if (set(clean) != set(state.clean.sums) or set(shifted) != set(state.shifted.sums)
             or any(clean[n].shape != state.clean.sums[n].shape for n in clean)):
         raise FisherscanError(f"{path}: does not fit this model; delete it or pass --overwrite")
-    state.load_state_dict({"clean": {"sums": clean, "images": info["clean_images"]},
-                           "shifted": {"sums": shifted, "images": info["shifted_images"]},
+    # in the model's parameter order, as an uninterrupted run holds them (the group table sums in this order)
+    state.load_state_dict({"clean": {"sums": {n: clean[n] for n in state.clean.sums}, "images": info["clean_images"]},
+                           "shifted": {"sums": {n: shifted[n] for n in state.shifted.sums},
+                                       "images": info["shifted_images"]},
                            "shift_magnitude_sum": info["shift_magnitude_sum"], "next_image": info["next_image"],
                            "bad_batches": info.get("bad_batches", 0)})
     restore_head(tensors, segmenter, path)
@@ -434,8 +440,9 @@ def restore_variational_partial(path: Path, info: dict, segmenter: Segmenter, co
     tensors = load_file(str(path))
     means = {f"backbone.{n}": p for n, p in segmenter.backbone.named_parameters()}  # what run_variational fits
 
-    def part(prefix: str) -> dict:
-        return {n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)}
+    def part(prefix: str) -> dict:  # in the model's parameter order, as an uninterrupted run holds them
+        found = {n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)}
+        return {n: found[n] for n in means if n in found} if set(found) <= set(means) else found
 
     fits = {}
     for kind, record in info["fits"].items():
@@ -672,7 +679,7 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         run_notes.append(f"stopped after {config.stop_after} {unit}{plural if config.stop_after != 1 else ''} "
                          f"(--stop-after): {extra['batches_done']} of {extra['batches_total']} {unit}{plural} done; "
                          "continue with --resume")
-        return ScoreResult(scores={}, metadata={}, head_path=head_out, notes=run_notes, finished=False,
+        return ScoreResult(scores={}, metadata={}, head_path=head_out, notes=notes + run_notes, finished=False,
                            partial_path=partial_path, batches_done=extra["batches_done"],
                            batches_total=extra["batches_total"])
     if extra.get("bad_batches"):

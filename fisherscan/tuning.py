@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,7 +202,12 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     targets = (prepare_datasets(list(config.eval), config.eval_layout, config.eval_split, skip_bad=config.skip_bad)
                if config.eval else [])
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FisherscanError(f"--out {out}: cannot create the run folder ({error.strerror}); choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise FisherscanError(f"--out {out}: folder is not writable; choose another --out or fix its permissions")
 
     mean, std = backbone.model.pretrained_cfg.get("mean"), backbone.model.pretrained_cfg.get("std")
     dataset = SegmentationDataset(pairs, config.crop, pad_multiple=backbone.patch_size, seed=config.seed,
