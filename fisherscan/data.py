@@ -332,6 +332,39 @@ def validate_pairs(pairs: Sequence[Pair]) -> None:
         _check_same_size(pair, _header_size(pair.image), _header_size(pair.label))
 
 
+def check_pairs(pairs: Sequence[Pair], skip_bad: bool = False) -> tuple[list[Pair], list[dict]]:
+    """(usable pairs in their order, skipped pairs) -- the ``--skip-bad`` decision, made once before a run.
+
+    Without ``skip_bad`` this is :func:`validate_pairs` (headers only; the first bad pair raises, and a file whose
+    pixels are corrupt still raises when it is decoded). With ``skip_bad`` every pair is decoded in full
+    (:func:`load_pair`: unreadable or corrupt files, size mismatches, label values outside the trainIds) and the
+    bad ones are left out, each listed as ``{"image", "label", "reason"}``; the set is fixed up front, so a resumed
+    run skips the same pairs. It is an error when no pair is left.
+    """
+    if not skip_bad:
+        validate_pairs(pairs)
+        return list(pairs), []
+    kept, skipped = [], []
+    for pair in pairs:
+        try:
+            load_pair(pair)
+        except FisherscanError as error:
+            skipped.append({"image": str(pair.image), "label": str(pair.label), "reason": str(error)})
+        else:
+            kept.append(pair)
+    if not kept:
+        raise FisherscanError(f"--skip-bad: all {len(skipped)} image/label pairs are unreadable or invalid (first: "
+                              f"{skipped[0]['reason']}); fix the data set")
+    return kept, skipped
+
+
+def skipped_note(skipped: Sequence[dict], total: int) -> str:
+    """One line for the printed summary: how many pairs --skip-bad left out, and the first few images."""
+    shown = ", ".join(Path(s["image"]).name for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return (f"--skip-bad: {len(skipped)} of {total} image/label pairs were unreadable or invalid and skipped "
+            f"({shown}; all listed in the metadata)")
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:

@@ -39,8 +39,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import __version__
-from .data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, Pair, find_pairs, load_pair, select_images, \
-    validate_pairs
+from .data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, Pair, check_pairs, find_pairs, load_pair, \
+    select_images
 from .errors import FisherscanError
 from .fisher import upsample_logits
 from .metrics import CITYSCAPES_CLASSES, ConfusionAccumulator, iou_from_confusion, mean_iou
@@ -345,12 +345,14 @@ class EvalDataset:
     layout: str
     split: str
     pairs: list[Pair]
+    skipped: list[dict] = field(default_factory=list)  # --skip-bad: pairs left out, with the reason
 
 
 def prepare_datasets(data_dirs: Sequence[Path | str], layout: str | Sequence[str] = "auto", split: str = "val",
-                     images: int | None = None, seed: int = 0) -> list[EvalDataset]:
+                     images: int | None = None, seed: int = 0, skip_bad: bool = False) -> list[EvalDataset]:
     """Find every data set's pairs (``layout`` one for all, or one per folder) before any inference, so a wrong
-    folder fails at once. Column names are the folder names (``name#2`` for a repeated name)."""
+    folder fails at once. Column names are the folder names (``name#2`` for a repeated name). With ``skip_bad``
+    unreadable or invalid pairs are left out (``fisherscan.data.check_pairs``) and listed in ``skipped``."""
     data_dirs = [Path(d) for d in data_dirs]
     if not data_dirs:
         raise FisherscanError("no data set given; pass --data DIR")
@@ -364,14 +366,14 @@ def prepare_datasets(data_dirs: Sequence[Path | str], layout: str | Sequence[str
     for folder, lay in zip(data_dirs, layouts):
         resolved, pairs = find_pairs(folder, lay, split)
         pairs = select_images(pairs, images, seed)
-        validate_pairs(pairs)
+        pairs, skipped = check_pairs(pairs, skip_bad)
         base = folder.resolve().name or str(folder)
         name, k = base, 1
         while name in names:
             k += 1
             name = f"{base}#{k}"
         names.add(name)
-        out.append(EvalDataset(name, folder, resolved, split, pairs))
+        out.append(EvalDataset(name, folder, resolved, split, pairs, skipped))
     return out
 
 
@@ -434,7 +436,8 @@ def evaluate_datasets(segmenter: torch.nn.Module, data_dirs: Sequence[Path | str
         segmenter.train(was_training)
     options = {"crop": crop, "stride": stride, "resize": list(resize) if isinstance(resize, tuple) else resize,
                "keep_ratio": keep_ratio, "score_at": score_at, "split": split, "images": images, "seed": seed,
-               "normalisation": {"mean": list(mean), "std": list(std)}}
+               "normalisation": {"mean": list(mean), "std": list(std)},
+               "skipped_pairs": {d.name: d.skipped for d in datasets if d.skipped}}
     return EvalResult(results, options)
 
 

@@ -9,7 +9,10 @@
 Robustness (diagonal estimator): every ``save_every`` batches the accumulated state, the warmed head and the
 options go to ``<name>.partial.safetensors`` beside the output (atomically); ``--resume`` (or a plain rerun with
 the same options) continues from it, and the final file is the same, byte for byte, as an uninterrupted run's.
-A batch whose squared-gradient sums are not finite is skipped and counted (``bad_batches``).
+A batch whose squared-gradient sums are not finite is skipped and counted (``bad_batches``). The variational
+estimator saves its fit (Lambda, the noise stream, the step) the same way, every ``save_every`` steps.
+``skip_bad`` leaves unreadable or invalid image/label pairs out (decided once, before the run; listed in the
+metadata).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
-from .data import NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, find_pairs, make_loader, padded_size, select_images, validate_pairs
+from .data import (NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, check_pairs, find_pairs, make_loader, padded_size,
+                   select_images, skipped_note)
 from .errors import FisherscanError
 from .fisher import (LABEL_MODES, FisherAccumulator, dr_fim_terms, shift_weight,
                      squared_gradient_sum, trainable_parameters, upsample_logits)
@@ -42,7 +47,8 @@ from .perturb import TokenShift, block_input, channel_statistics, draw_eps, shif
 from .rng import keyed_generator
 from .scores import atomic_target, save_scores
 from .segmenter import Segmenter, head_path_for, load_head, save_head
-from .variational import fit_precision, segmentation_losses
+from .faults import injected_delay
+from .variational import VariationalResult, fit_precision, precision_to_fisher, segmentation_losses
 
 ESTIMATORS = ("diagonal", "variational")
 
@@ -87,6 +93,7 @@ class ScoreConfig:
     resume: bool = False
     stop_after: int | None = None
     max_bad_frac: float = 0.1
+    skip_bad: bool = False
 
 
 # options that may change between a stopped run and its continuation: none of them changes the scores
@@ -169,14 +176,15 @@ def check_config(config: ScoreConfig) -> None:
         raise FisherscanError(f"--stop-after {config.stop_after}: must be at least 1")
     if not (math.isfinite(config.max_bad_frac) and 0 <= config.max_bad_frac <= 1):
         raise FisherscanError(f"--max-bad-frac {config.max_bad_frac}: must lie in [0, 1]")
-    if config.estimator != "diagonal" and (config.resume or config.stop_after is not None):
-        raise FisherscanError(f"--resume and --stop-after work with --estimator diagonal only, not {config.estimator}")
     if Path(config.out).exists() and not config.overwrite:
         raise FisherscanError(f"--out {config.out} exists; pass --overwrite to replace it or choose another --out")
     if str(config.out).endswith((".head.safetensors", ".partial.safetensors")) or not str(config.out).endswith(".safetensors"):
         raise FisherscanError(f"--out {config.out}: name the scores file <name>.safetensors")
     if not Path(config.out).resolve().parent.is_dir():
         raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} does not exist; create it first")
+    if not os.access(Path(config.out).resolve().parent, os.W_OK):
+        raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} is not writable; choose another "
+                              "--out or fix its permissions")
 
 
 def progress_bar(console: Console | None) -> Progress:
@@ -311,6 +319,7 @@ def run_diagonal(segmenter: Segmenter, loader, config: ScoreConfig, device: torc
                                       f"gradients (more than --max-bad-frac {config.max_bad_frac}); check the "
                                       f"weights, the data and --warmup-lr")
         state.next_image += len(indices)
+        injected_delay()
         done_here, images_here = done_here + 1, images_here + len(indices)
         rate = images_here / max(time.perf_counter() - started, 1e-9)
         progress.update(task, advance=len(indices), rate=f"{rate:.2f} img/s")
@@ -342,16 +351,43 @@ def config_options(config: ScoreConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
 
 
-def save_partial(path: Path, state: ScoringState, segmenter: Segmenter, config: ScoreConfig, warmup: dict) -> None:
-    """The state, the warmed head and the options in one safetensors file (tensors) with JSON metadata, atomically."""
-    tensors = {f"clean/{n}": v.detach().cpu().contiguous() for n, v in state.clean.sums.items()}
-    tensors.update({f"shifted/{n}": v.detach().cpu().contiguous() for n, v in state.shifted.sums.items()})
+def write_partial(path: Path, tensors: dict[str, torch.Tensor], info: dict, segmenter: Segmenter,
+                  config: ScoreConfig, context: dict) -> None:
+    """A stopped run's tensors, the warmed head (``head/``), its options and ``context`` (warm-up, skipped pairs)
+    in one safetensors file with JSON metadata, written atomically."""
+    tensors = {name: v.detach().cpu().contiguous() for name, v in tensors.items()}
     tensors.update({f"head/{n}": v.detach().cpu().contiguous().clone() for n, v in segmenter.decoder.state_dict().items()})
-    info = {"next_image": state.next_image, "clean_images": state.clean.images, "shifted_images": state.shifted.images,
-            "shift_magnitude_sum": state.shift_magnitude_sum, "bad_batches": state.bad_batches, "warmup": warmup,
-            "options": config_options(config), "fisherscan_version": __version__}
+    info = {**info, **context, "estimator": config.estimator, "options": config_options(config),
+            "fisherscan_version": __version__}
     with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata={PARTIAL_KEY: json.dumps(info, sort_keys=True)})
+
+
+def save_partial(path: Path, state: ScoringState, segmenter: Segmenter, config: ScoreConfig, context: dict) -> None:
+    """The diagonal estimator's state: both sums (``clean/``, ``shifted/``) and the counters."""
+    tensors = {f"clean/{n}": v for n, v in state.clean.sums.items()}
+    tensors.update({f"shifted/{n}": v for n, v in state.shifted.sums.items()})
+    info = {"next_image": state.next_image, "clean_images": state.clean.images, "shifted_images": state.shifted.images,
+            "shift_magnitude_sum": state.shift_magnitude_sum, "bad_batches": state.bad_batches}
+    write_partial(path, tensors, info, segmenter, config, context)
+
+
+def save_variational_partial(path: Path, run: dict, segmenter: Segmenter, config: ScoreConfig, context: dict) -> None:
+    """The variational estimator's state: finished fits (``done_<kind>/``: Lambda), the fit in progress
+    (``fit_precision/``, ``fit_snapshot/``, ``fit_noise``: the xi generator) and the shift magnitudes so far."""
+    tensors, fits = {}, {}
+    for kind, fit in run["fits"].items():
+        tensors.update({f"done_{kind}/{n}": v for n, v in fit.precision.items()})
+        fits[kind] = {"terms": fit.terms, "relative_change": fit.relative_change, "converged": fit.converged}
+    fit_info = None
+    if run["fit"] is not None:
+        tensors.update({f"fit_precision/{n}": v for n, v in run["fit"]["precision"].items()})
+        tensors.update({f"fit_snapshot/{n}": v for n, v in run["fit"]["snapshot"].items()})
+        tensors["fit_noise"] = run["fit"]["noise"]
+        fit_info = {k: run["fit"][k] for k in ("step", "kl", "history")}
+    info = {"phase": run["phase"], "global_step": run["global_step"], "magnitudes": run["magnitudes"],
+            "fits": fits, "fit": fit_info}
+    write_partial(path, tensors, info, segmenter, config, context)
 
 
 def read_partial_info(path: Path) -> dict:
@@ -372,24 +408,60 @@ def changed_options(saved: dict, config: ScoreConfig) -> list[str]:
     return sorted(k for k in set(now) | set(before) if before.get(k, None) != now.get(k, None))
 
 
+def restore_head(tensors: dict, segmenter: Segmenter, path: Path) -> None:
+    head = {n[len("head/"):]: v for n, v in tensors.items() if n.startswith("head/")}
+    if set(head) != set(segmenter.decoder.state_dict()):
+        raise FisherscanError(f"{path}: does not fit this model; delete it or pass --overwrite")
+    with torch.no_grad():
+        segmenter.decoder.load_state_dict(head)
+
+
 def restore_partial(path: Path, info: dict, segmenter: Segmenter) -> ScoringState:
-    """The state and the head (into ``segmenter.decoder``) saved by ``save_partial``."""
+    """The diagonal state and the head (into ``segmenter.decoder``) saved by ``save_partial``."""
     tensors = load_file(str(path))
     state = new_state(segmenter)
     clean = {n[len("clean/"):]: v for n, v in tensors.items() if n.startswith("clean/")}
     shifted = {n[len("shifted/"):]: v for n, v in tensors.items() if n.startswith("shifted/")}
-    head = {n[len("head/"):]: v for n, v in tensors.items() if n.startswith("head/")}
-    own = segmenter.decoder.state_dict()
-    if (set(clean) != set(state.clean.sums) or set(shifted) != set(state.shifted.sums) or set(head) != set(own)
+    if (set(clean) != set(state.clean.sums) or set(shifted) != set(state.shifted.sums)
             or any(clean[n].shape != state.clean.sums[n].shape for n in clean)):
         raise FisherscanError(f"{path}: does not fit this model; delete it or pass --overwrite")
-    state.load_state_dict({"clean": {"sums": clean, "images": info["clean_images"]},
-                           "shifted": {"sums": shifted, "images": info["shifted_images"]},
+    # in the model's parameter order, as an uninterrupted run holds them (the group table sums in this order)
+    state.load_state_dict({"clean": {"sums": {n: clean[n] for n in state.clean.sums}, "images": info["clean_images"]},
+                           "shifted": {"sums": {n: shifted[n] for n in state.shifted.sums},
+                                       "images": info["shifted_images"]},
                            "shift_magnitude_sum": info["shift_magnitude_sum"], "next_image": info["next_image"],
                            "bad_batches": info.get("bad_batches", 0)})
-    with torch.no_grad():
-        segmenter.decoder.load_state_dict(head)
+    restore_head(tensors, segmenter, path)
     return state
+
+
+def restore_variational_partial(path: Path, info: dict, segmenter: Segmenter, config: ScoreConfig,
+                                scale: float) -> dict:
+    """The ``resume`` argument of ``run_variational`` (and the head) from ``save_variational_partial``'s file."""
+    tensors = load_file(str(path))
+    means = {f"backbone.{n}": p for n, p in segmenter.backbone.named_parameters()}  # what run_variational fits
+
+    def part(prefix: str) -> dict:  # in the model's parameter order, as an uninterrupted run holds them
+        found = {n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)}
+        return {n: found[n] for n in means if n in found} if set(found) <= set(means) else found
+
+    fits = {}
+    for kind, record in info["fits"].items():
+        precision = part(f"done_{kind}/")
+        if set(precision) != set(means):
+            raise FisherscanError(f"{path}: does not fit this model; delete it or pass --overwrite")
+        fits[kind] = VariationalResult(precision=precision, relative_change=record["relative_change"],
+                                       fisher=precision_to_fisher(precision, config.gamma, config.tau, scale),
+                                       terms=record["terms"], converged=record["converged"])
+    fit = None
+    if info["fit"] is not None:
+        precision = part("fit_precision/")
+        if set(precision) != set(means) or any(precision[n].shape != means[n].shape for n in means):
+            raise FisherscanError(f"{path}: does not fit this model; delete it or pass --overwrite")
+        fit = {**info["fit"], "precision": precision, "snapshot": part("fit_snapshot/"), "noise": tensors["fit_noise"]}
+    restore_head(tensors, segmenter, path)
+    return {"phase": info["phase"], "global_step": info["global_step"], "magnitudes": info["magnitudes"],
+            "fits": fits, "fit": fit}
 
 
 def plan_partial(config: ScoreConfig) -> tuple[Path, dict | None]:
@@ -416,25 +488,48 @@ def plan_partial(config: ScoreConfig) -> tuple[Path, dict | None]:
     return path, info
 
 
-def cycle(loader) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[int]]]:
-    """(visit, x, y, indices) for ever, re-iterating the loader (so no batch is held in memory)."""
-    visit = 0
+def cycle(dataset, batch_size: int, workers: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[int]]]:
+    """(visit, x, y, indices) for ever in dataset order from batch ``start`` on (no batch is held in memory)."""
+    visit, skip = divmod(start, math.ceil(len(dataset) / batch_size))
     while True:
-        for x, y, indices in loader:
+        part = torch.utils.data.Subset(dataset, range(skip * batch_size, len(dataset))) if skip else dataset
+        for x, y, indices in make_loader(part, batch_size, workers):
             yield visit, x, y, [int(i) for i in indices]
-        visit += 1
+        visit, skip = visit + 1, 0
 
 
-def run_variational(segmenter: Segmenter, loader, config: ScoreConfig, device: torch.device,
-                    autocast_dtype: torch.dtype | None, progress: Progress) -> tuple[dict, dict, float, dict]:
-    """Eq. 10-14 on source batches (Lambda_x) and on the same batches with Eq. 6 applied (Lambda_x')."""
+VARIATIONAL_PHASES = ("clean", "shift")
+
+
+def run_variational(segmenter: Segmenter, dataset, config: ScoreConfig, device: torch.device,
+                    autocast_dtype: torch.dtype | None, progress: Progress, resume: dict | None = None,
+                    save=None) -> tuple[dict | None, dict | None, float, dict]:
+    """Eq. 10-14 on source batches (Lambda_x) and on the same batches with Eq. 6 applied (Lambda_x').
+
+    The two fits take ``var_steps`` steps each, 2 x var_steps in all (the "global" steps). Every
+    ``config.save_every`` global steps, and when ``config.stop_after`` steps of this run are done (then F is None
+    and ``extra["stopped"]`` True), ``save(run)`` gets the state; ``resume`` (that state) continues it.
+    """
     means = trainable_parameters(segmenter)
-    scale = float(config.var_scale if config.var_scale is not None else len(loader.dataset))
+    scale = float(config.var_scale if config.var_scale is not None else len(dataset))
     shift = TokenShift(segmenter, config.perturb_at)
-    fits, magnitudes = {}, []
-    for kind, shifted in (("clean", False), ("shift", True)):
-        batches = cycle(loader)
-        task = progress.add_task(f"variational Lambda_x{chr(39) if shifted else ''}", total=config.var_steps, rate="")
+    resume = resume or {"phase": "clean", "global_step": 0, "magnitudes": [], "fits": {}, "fit": None}
+    fits, magnitudes = dict(resume["fits"]), list(resume["magnitudes"])
+    total_steps = 2 * config.var_steps
+    stop_at = resume["global_step"] + config.stop_after if config.stop_after is not None else None
+
+    def stopped(global_step: int):
+        return None, None, 0.0, {"stopped": True, "batches_done": global_step, "batches_total": total_steps}
+
+    for phase, kind in enumerate(VARIATIONAL_PHASES):
+        if kind in fits:
+            continue
+        shifted, offset = kind == "shift", phase * config.var_steps
+        fit_state = resume["fit"] if resume["phase"] == kind else None
+        first = int(fit_state["step"]) if fit_state is not None else 0
+        batches = cycle(dataset, config.batch_size, config.workers, first)
+        task = progress.add_task(f"variational Lambda_x{chr(39) if shifted else ''}", total=config.var_steps,
+                                 completed=first, rate="")
 
         def next_batch(step, batches=batches, shifted=shifted):
             visit, x, y, indices = next(batches)
@@ -446,12 +541,31 @@ def run_variational(segmenter: Segmenter, loader, config: ScoreConfig, device: t
 
         def on_step(step, terms, task=task):
             progress.update(task, advance=1, rate=f"E[loss] {terms['expected_loss']:.3g} KL {terms['kl']:.3g}")
+            injected_delay()
+
+        def checkpoint(done, get_state, kind=kind, offset=offset):
+            stopping = stop_at is not None and offset + done >= stop_at
+            if save is not None and (stopping or (offset + done) % config.save_every == 0):
+                save({"phase": kind, "global_step": offset + done, "magnitudes": magnitudes, "fits": fits,
+                      "fit": get_state()})
+            return stopping
 
         losses = segmentation_losses(segmenter, next_batch, ignore_index=IGNORE_INDEX, autocast_dtype=autocast_dtype)
         with shift if shifted else contextlib.nullcontext():
-            fits[kind] = fit_precision(losses, means, gamma=config.gamma, tau=config.tau, steps=config.var_steps,
-                                       lr=config.var_lr, scale=scale, tolerance=config.var_tolerance,
-                                       generator=torch.Generator().manual_seed(config.seed), on_step=on_step)
+            fit = fit_precision(losses, means, gamma=config.gamma, tau=config.tau, steps=config.var_steps,
+                                lr=config.var_lr, scale=scale, tolerance=config.var_tolerance,
+                                generator=torch.Generator().manual_seed(config.seed), on_step=on_step,
+                                state=fit_state, checkpoint=checkpoint)
+        if fit is None:
+            return stopped(stop_at)
+        fits[kind] = fit
+        done = offset + config.var_steps
+        stopping = stop_at is not None and done >= stop_at
+        if done < total_steps and save is not None and (stopping or done % config.save_every == 0):
+            save({"phase": VARIATIONAL_PHASES[phase + 1], "global_step": done, "magnitudes": magnitudes,
+                  "fits": fits, "fit": None})
+        if done < total_steps and stopping:
+            return stopped(done)
     extra = {
         "precision": fits["clean"].precision, "precision_shift": fits["shift"].precision,
         "variational": {"gamma": config.gamma, "tau": config.tau, "steps": config.var_steps, "lr": config.var_lr,
@@ -461,7 +575,7 @@ def run_variational(segmenter: Segmenter, loader, config: ScoreConfig, device: t
                         "converged": {kind: fit.converged for kind, fit in fits.items()},
                         "update": "natural-gradient steps of Eq. 11 in the precision, antithetic reparameterized "
                                   "curvature; F = gamma * (Lambda - tau^-2) / s (Eq. 14), clamped at 0"},
-        "images": len(loader.dataset),
+        "images": len(dataset),
     }
     magnitude = sum(magnitudes) / max(len(magnitudes), 1)
     return fits["clean"].fisher, fits["shift"].fisher, magnitude, extra
@@ -489,11 +603,14 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
     """Run the whole ``score`` job and write ``config.out`` (+ the head beside it)."""
     check_config(config)
     device = resolve_device(config.device)
-    partial_path, partial = plan_partial(config) if config.estimator == "diagonal" else (None, None)
+    partial_path, partial = plan_partial(config)
     torch.manual_seed(config.seed)
     layout, pairs = find_pairs(config.data, config.layout, config.split)
     pairs = select_images(pairs, config.images, config.seed)
-    validate_pairs(pairs)
+    pairs, skipped = check_pairs(pairs, config.skip_bad)
+    if partial is not None and partial.get("skipped", []) != skipped:
+        raise FisherscanError(f"{partial_path}: the data set changed since the run stopped (other pairs skipped by "
+                              "--skip-bad); restore it, or delete the partial file or pass --overwrite")
 
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
                               strict=config.strict)
@@ -509,20 +626,28 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
     notes = []
     if backbone.random_init:
         notes.append("the backbone is randomly initialised (--random-init): these scores describe no pretrained model")
+    if skipped:
+        notes.append(skipped_note(skipped, len(pairs) + len(skipped)))
     if len(pairs) == 1 or config.batch_size == 1:
         notes.append("batches of one image have no batch spread: Eq. 6 applies no shift, so F(x') = F(x)")
 
     head_out = head_path_for(config.out)
     run_notes = []  # about this invocation only (printed, not saved: a continued run writes the same file)
     state = None
+    scale = float(config.var_scale if config.var_scale is not None else len(dataset))
     with progress_bar(console) as progress:
         for p in segmenter.parameters():
             p.requires_grad_(False)
-        if partial is not None:  # the head and the sums so far come from the partial file: no warm-up again
+        if partial is not None and config.estimator == "diagonal":  # head and sums from the partial file
             state = restore_partial(partial_path, partial, segmenter)
             warmup = partial["warmup"]
             run_notes.append(f"continued the stopped run in {partial_path} from image {state.next_image} of "
                              f"{len(dataset)} (its head and sums; no new warm-up)")
+        elif partial is not None:  # the head and the fits so far
+            state = restore_variational_partial(partial_path, partial, segmenter, config, scale)
+            warmup = partial["warmup"]
+            run_notes.append(f"continued the stopped run in {partial_path} from variational step "
+                             f"{state['global_step']} of {2 * config.var_steps} (its head and fits; no new warm-up)")
         elif config.head is not None:
             head_info = load_head(config.head, segmenter)
             warmup = {"source": str(config.head), "loaded": head_info}
@@ -537,19 +662,26 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         for p in segmenter.backbone.parameters():
             p.requires_grad_(True)
         autocast_dtype = torch.bfloat16 if autocast else None
+        context = {"warmup": warmup, "skipped": skipped}
         if config.estimator == "diagonal":
             def save(current: ScoringState) -> None:
-                save_partial(partial_path, current, segmenter, config, warmup)
+                save_partial(partial_path, current, segmenter, config, context)
 
             f_clean, f_shift, magnitude, extra = run_diagonal(segmenter, loader, config, device, autocast_dtype,
                                                               progress, state=state, save=save)
         else:
-            f_clean, f_shift, magnitude, extra = run_variational(segmenter, loader, config, device, autocast_dtype,
-                                                                 progress)
+            def save(current: dict) -> None:
+                save_variational_partial(partial_path, current, segmenter, config, context)
+
+            f_clean, f_shift, magnitude, extra = run_variational(segmenter, dataset, config, device, autocast_dtype,
+                                                                 progress, resume=state, save=save)
     if extra.get("stopped"):
-        run_notes.append(f"stopped after {config.stop_after} batch{'es' if config.stop_after != 1 else ''} (--stop-after): {extra['batches_done']} of "
-                         f"{extra['batches_total']} batches done; continue with --resume")
-        return ScoreResult(scores={}, metadata={}, head_path=head_out, notes=run_notes, finished=False,
+        unit = "batch" if config.estimator == "diagonal" else "variational step"
+        plural = "es" if unit == "batch" else "s"
+        run_notes.append(f"stopped after {config.stop_after} {unit}{plural if config.stop_after != 1 else ''} "
+                         f"(--stop-after): {extra['batches_done']} of {extra['batches_total']} {unit}{plural} done; "
+                         "continue with --resume")
+        return ScoreResult(scores={}, metadata={}, head_path=head_out, notes=notes + run_notes, finished=False,
                            partial_path=partial_path, batches_done=extra["batches_done"],
                            batches_total=extra["batches_total"])
     if extra.get("bad_batches"):
@@ -586,6 +718,7 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         "estimator": config.estimator,
         "images": extra["images"],
         "bad_batches": extra.get("bad_batches"),
+        "skipped_pairs": skipped,
         "seed": config.seed,
         "labels": config.labels,
         "loss_reduction": "per image: sum of pixel cross-entropy over valid pixels (ignore 255 and padding); "

@@ -7,7 +7,11 @@
    AdamW with poly decay; every other backbone element keeps its pretrained bits (``fisherscan.optim``).
 4. Save the run: ``model.safetensors`` (head + changed backbone parameters + their masks), ``manifest.json``
    (every option, the base weights and their sha256), ``log.csv`` (loss, lr, selected fraction per step), and a
-   resumable ``checkpoint.safetensors`` every ``save_every`` steps.
+   resumable ``checkpoint.safetensors`` every ``save_every`` steps; a rerun of the same command continues from it
+   (or ``--resume``), to the same bits as an uninterrupted run.
+
+A step whose loss or gradients are not finite is skipped (no optimizer update; counted as ``bad_steps``); more than
+``max_bad_frac`` of the steps bad stops the run with an error. ``skip_bad`` leaves unreadable or invalid pairs out.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, distributed
-from .data import IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
+from .data import (IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, check_pairs, find_pairs, select_images,
+                   skipped_note)
 from .errors import FisherscanError
 from .evaluate import evaluate_datasets, prepare_datasets, save_results
+from .faults import injected_delay
 from .fisher import upsample_logits
 from .groups import CANDIDATE_GROUPS, GROUPS
 from .models import build_backbone, sha256_of
@@ -82,6 +89,12 @@ class TuneConfig:
     device: str = "auto"
     workers: int = 2
     overwrite: bool = False
+    max_bad_frac: float = 0.1
+    skip_bad: bool = False
+
+
+# run control: not recorded in the manifest, so a continued run writes the same files as an uninterrupted one
+RUN_CONTROL = ("resume", "stop_after")
 
 
 @dataclass
@@ -93,6 +106,7 @@ class TuneResult:
     log: list[dict] = field(default_factory=list)
     finished: bool = True
     evaluation: object | None = None  # fisherscan.evaluate.EvalResult of the final model, with --eval
+    notes: list[str] = field(default_factory=list)
 
 
 def as_json(value):
@@ -124,6 +138,24 @@ def check_config(config: TuneConfig) -> None:
         raise FisherscanError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another --out")
     if config.resume and not (out / "checkpoint.safetensors").exists():
         raise FisherscanError(f"--resume: {out} has no checkpoint.safetensors; start without --resume")
+    if not (math.isfinite(config.max_bad_frac) and 0 <= config.max_bad_frac <= 1):
+        raise FisherscanError(f"--max-bad-frac {config.max_bad_frac}: must lie in [0, 1]")
+
+
+def continues(config: TuneConfig) -> bool:
+    """Whether this run continues a stopped one: ``--resume``, or a checkpoint without a finished model in
+    ``--out`` (a killed or stopped run of the same command) and no ``--overwrite``."""
+    out = Path(config.out)
+    if config.resume:
+        return True
+    stopped = (out / "checkpoint.safetensors").is_file() and not (out / "model.safetensors").exists()
+    return stopped and not config.overwrite
+
+
+def grads_finite(module: torch.nn.Module) -> bool:
+    """True when every gradient of ``module`` is finite (one device sync)."""
+    grads = [p.grad.isfinite().all() for p in module.parameters() if p.grad is not None]
+    return bool(torch.stack(grads).all()) if grads else True
 
 
 def check_scores_match(scores: dict, metadata: dict, backbone: torch.nn.Module, path: Path) -> None:
@@ -138,6 +170,14 @@ def check_scores_match(scores: dict, metadata: dict, backbone: torch.nn.Module, 
                               f"{len(missing)} missing, {len(wrong)} wrong shapes: {listed}); score this model first")
 
 
+def check_scored_model(metadata: dict, model: str, path: Path) -> None:
+    """The scores' metadata must name the model being tuned (same shapes can still be another model)."""
+    scored = metadata.get("model")
+    if scored is not None and scored != model:
+        raise FisherscanError(f"--scores {path} does not match --model: it was computed on {scored}, not {model}; "
+                              f"pass --model {scored} or score {model} first")
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     with atomic_target(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -147,20 +187,29 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> No
 def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     """Run the whole ``tune`` job into ``config.out`` (a folder)."""
     check_config(config)
+    resuming = continues(config)
     ranks, device = distributed.setup(resolve_device(config.device))
     console = console if ranks.main else None
     torch.manual_seed(config.seed)
     scores, score_meta = load_scores(config.scores)
+    check_scored_model(score_meta, config.model, config.scores)
     layout, pairs = find_pairs(config.data, config.layout, config.split)
     pairs = select_images(pairs, config.images, config.seed)
-    validate_pairs(pairs)
+    pairs, skipped = check_pairs(pairs, config.skip_bad)
+    notes = [skipped_note(skipped, len(pairs) + len(skipped))] if skipped else []
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
                               strict=config.strict)
     segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
     check_scores_match(scores, score_meta, segmenter.backbone, config.scores)
-    targets = prepare_datasets(list(config.eval), config.eval_layout, config.eval_split) if config.eval else []
+    targets = (prepare_datasets(list(config.eval), config.eval_layout, config.eval_split, skip_bad=config.skip_bad)
+               if config.eval else [])
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FisherscanError(f"--out {out}: cannot create the run folder ({error.strerror}); choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise FisherscanError(f"--out {out}: folder is not writable; choose another --out or fix its permissions")
 
     mean, std = backbone.model.pretrained_cfg.get("mean"), backbone.model.pretrained_cfg.get("std")
     dataset = SegmentationDataset(pairs, config.crop, pad_multiple=backbone.patch_size, seed=config.seed,
@@ -204,22 +253,31 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
         "weights_sha256": backbone.weights_sha256, "random_init": backbone.random_init,
         "scores": str(config.scores), "scores_model": score_meta.get("model"),
         "data": {"path": str(config.data), "layout": layout, "split": config.split, "images": len(pairs)},
+        "skipped_pairs": skipped,
         "selection": {"strategy": config.strategy, "score_kind": config.score_kind, "candidates": list(config.candidates),
                       "total_backbone_elements": total, "final_selected": final_count,
                       "schedule": "f(t) = dmin + (dmax - dmin) (1 - exp(-t/T)) / (1 - exp(-T3/T)), T = T3/3 default"},
         "optimizer": {"name": "AdamW, masked (unselected elements bit-identical)", "lr": config.lr,
                       "weight_decay": config.weight_decay, "poly_power": config.power},
         "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop, "world_size": ranks.world,
-        "options": {k: as_json(v) for k, v in dataclasses.asdict(config).items()},
+        "options": {k: as_json(v) for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL},
     }
 
-    start_step, log_rows = 0, []
+    start_step, log_rows, bad_steps = 0, [], 0
     checkpoint_path = out / "checkpoint.safetensors"
     with progress_bar(console) as progress:
-        if config.resume:
-            start_step, log_rows = restore_checkpoint(checkpoint_path, segmenter, backbone_opt, decoder_opt, touched,
-                                                      manifest)
+        if resuming:
+            start_step, log_rows, info = restore_checkpoint(checkpoint_path, segmenter, backbone_opt, decoder_opt,
+                                                            touched, manifest)
+            bad_steps = int(info.get("bad_steps", 0))
+            if info.get("head") is not None:
+                manifest["head"] = info["head"]
+            if not config.resume:
+                notes.append(f"continued the stopped run in {out} from step {start_step} of {config.steps} "
+                             "(pass --overwrite to start afresh)")
         else:
+            if checkpoint_path.exists() and ranks.main:  # --overwrite: a stale checkpoint must not be continued
+                checkpoint_path.unlink()
             head_path = config.head or (Path(score_meta["head"]) if score_meta.get("head") else None)
             if head_path is not None and Path(head_path).is_file():
                 load_head(head_path, segmenter)
@@ -252,50 +310,67 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = forward(x)
             loss = F.cross_entropy(upsample_logits(logits.float(), tuple(y.shape[-2:])), y, ignore_index=IGNORE_INDEX)
-            (loss / config.accumulate).backward()
+            (loss / config.accumulate).backward()  # on every rank, also when not finite: DDP must all-reduce
             running += loss.item() / config.accumulate
             micro += 1
             if micro < config.accumulate:
                 continue
             lr = poly_lr(config.lr, step, config.steps, config.power)
             flat_mask[order[:count_at(step)]] = True  # Eq. 16: the selection for this step (only grows)
-            backbone_opt.step(lr)
-            decoder_opt.step(lr)
+            running = distributed.mean_over_ranks(running, ranks, device)
+            finite = math.isfinite(running) and grads_finite(segmenter)  # all-reduced: the same on every rank
+            if finite:
+                backbone_opt.step(lr)
+                decoder_opt.step(lr)
+            else:  # skipped: no update, moments and step counts untouched
+                bad_steps += 1
+                if console is not None:
+                    console.print(f"[yellow]warning:[/] step {step + 1}: non-finite loss or gradients, skipped "
+                                  f"({bad_steps} bad of {config.steps} steps)", highlight=False)
+                if bad_steps > config.max_bad_frac * config.steps:
+                    raise FisherscanError(f"{bad_steps} of {config.steps} steps had non-finite losses or gradients "
+                                          f"(more than --max-bad-frac {config.max_bad_frac}); check the weights, "
+                                          f"the data and --lr")
             backbone_opt.zero_grad()
             decoder_opt.zero_grad()
             selected = int(flat_mask.sum())
-            running = distributed.mean_over_ranks(running, ranks, device)
-            log_rows.append({"step": step + 1, "loss": running, "lr": lr, "selected": selected,
+            log_rows.append({"step": step + 1, "loss": running if finite else None, "lr": lr, "selected": selected,
                              "selected_fraction": selected / total})
             step, micro, running = step + 1, 0, 0.0
-            progress.update(task, advance=1, rate=f"loss {log_rows[-1]['loss']:.3f} sel {selected / total:.2%}")
+            shown = log_rows[-1]["loss"] if finite else float("nan")
+            progress.update(task, advance=1, rate=f"loss {shown:.3f} sel {selected / total:.2%}")
+            injected_delay()
             stopping = step == config.stop_after and step < config.steps  # a planned stop: resumable, unfinished
             if ranks.main and (stopping or (step % config.save_every == 0 and step < config.steps)):
                 save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows,
-                                manifest)
+                                manifest, bad_steps)
             if targets and ranks.main and config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 evaluate_run(segmenter, targets, config, device, progress, out, f"step{step}")
             if stopping:
                 distributed.barrier(ranks)
                 distributed.teardown(ranks)
                 return TuneResult(run_dir=out, manifest=manifest, selected=int(flat_mask.sum()), total=total,
-                                  log=log_rows, finished=False)
+                                  log=log_rows, finished=False, notes=notes)
 
     selected = int(flat_mask.sum())
+    manifest["bad_steps"] = bad_steps
+    if bad_steps:
+        notes.append(f"{bad_steps} of {config.steps} steps had non-finite losses or gradients and were skipped")
     manifest["trainable"] = {"backbone_elements": selected, "backbone_fraction": selected / total,
                              "decoder_parameters": sum(p.numel() for p in decoder_params.values())}
     evaluation = None
     if ranks.main:  # one writer
         write_log(out / "log.csv", log_rows)
         save_run(out, segmenter, masks, touched, manifest, config.full_checkpoint)
-        save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows, manifest)
+        save_checkpoint(checkpoint_path, step, segmenter, backbone_opt, decoder_opt, touched, log_rows, manifest,
+                        bad_steps)
         if targets:
             with progress_bar(console) as progress:
                 evaluation = evaluate_run(segmenter, targets, config, device, progress, out, "eval")
     distributed.barrier(ranks)
     distributed.teardown(ranks)
     return TuneResult(run_dir=out, manifest=manifest, selected=selected, total=total, log=log_rows,
-                      evaluation=evaluation)
+                      evaluation=evaluation, notes=notes)
 
 
 def evaluate_run(segmenter: Segmenter, targets: list, config: TuneConfig, device: torch.device, progress,
@@ -331,7 +406,7 @@ def save_run(out: Path, segmenter: Segmenter, masks: dict, touched: list[str], m
 
 
 def save_checkpoint(path: Path, step: int, segmenter: Segmenter, backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW,
-                    touched: list[str], log_rows: list[dict], manifest: dict) -> None:
+                    touched: list[str], log_rows: list[dict], manifest: dict, bad_steps: int = 0) -> None:
     """Everything a resumed run needs, in one safetensors file (tensors) with JSON metadata (scalars)."""
     backbone = dict(segmenter.backbone.named_parameters())
     tensors = {f"backbone/{n}": backbone[n] for n in touched}
@@ -341,21 +416,35 @@ def save_checkpoint(path: Path, step: int, segmenter: Segmenter, backbone_opt: M
             tensors[f"{prefix}_m/{name}"] = optimizer.exp_avg[name]
             tensors[f"{prefix}_v/{name}"] = optimizer.exp_avg_sq[name]
     save_tensors(path, tensors, {"step": step, "log": log_rows, "options": manifest["options"],
-                                 "optimizer_steps": [backbone_opt.step_count, decoder_opt.step_count]})
+                                 "optimizer_steps": [backbone_opt.step_count, decoder_opt.step_count],
+                                 "bad_steps": bad_steps, "head": manifest.get("head")})
 
 
 def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW,
-                       touched: list[str], manifest: dict) -> tuple[int, list[dict]]:
-    with safe_open(str(path), "pt") as handle:
-        info = json.loads(handle.metadata()["fisherscan_run"])
+                       touched: list[str], manifest: dict) -> tuple[int, list[dict], dict]:
+    """(step, log rows, the checkpoint's metadata) of ``save_checkpoint``'s file, its tensors loaded in place."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            info = json.loads(handle.metadata()["fisherscan_run"])
+            names = set(handle.keys())
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file is the user's to remove
+        raise FisherscanError(f"{path}: not a readable tune checkpoint ({type(error).__name__}); delete it or pass "
+                              "--overwrite to start afresh") from None
+    expected = {f"backbone/{n}" for n in touched} | {f"decoder/{n}" for n in segmenter.decoder.state_dict()}
+    for prefix, optimizer in (("opt_backbone", backbone_opt), ("opt_decoder", decoder_opt)):
+        expected |= {f"{prefix}_{moment}/{n}" for n in optimizer.params for moment in ("m", "v")}
+    if names != expected:
+        odd = sorted(names ^ expected)
+        raise FisherscanError(f"{path}: {len(names - expected)} unexpected and {len(expected - names)} missing tensors "
+                              f"({', '.join(odd[:3])}); it is not this run's checkpoint: delete it or pass --overwrite")
     free = ("resume", "overwrite", "workers", "device", "stop_after", "eval", "eval_every", "eval_layout",
-            "eval_split", "eval_crop", "eval_stride")  # options that may change between runs: no effect on weights
+            "eval_split", "eval_crop", "eval_stride", "max_bad_frac")  # may change between runs: no effect on weights
     same = {k: v for k, v in info["options"].items() if k not in free}
     now = {k: v for k, v in manifest["options"].items() if k not in free}
     if same != now:
-        changed = sorted(k for k in now if same.get(k) != now[k])
-        raise FisherscanError(f"--resume: the checkpoint in {path.parent} was made with other options "
-                              f"({', '.join(changed[:4])}); use the same options or start afresh")
+        changed = sorted(k for k in set(now) | set(same) if same.get(k) != now.get(k))
+        raise FisherscanError(f"the checkpoint in {path.parent} was made with other options "
+                              f"({', '.join(changed[:4])}); use the same options, or pass --overwrite to start afresh")
     tensors = load_file(str(path))
     backbone = dict(segmenter.backbone.named_parameters())
     with torch.no_grad():
@@ -367,7 +456,7 @@ def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAda
         optimizer.load_state_dict({"exp_avg": {n: tensors[f"{prefix}_m/{n}"] for n in optimizer.params},
                                    "exp_avg_sq": {n: tensors[f"{prefix}_v/{n}"] for n in optimizer.params},
                                    "step": steps})
-    return int(info["step"]), list(info["log"])
+    return int(info["step"]), list(info["log"]), info
 
 
 def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:

@@ -70,8 +70,9 @@ class VariationalResult:
 
 def fit_precision(losses: LossPair, means: dict[str, torch.Tensor], *, gamma: float, tau: float, steps: int,
                   lr: float = 0.0, scale: float = 1.0, generator: torch.Generator | None = None,
-                  tolerance: float = 0.05, on_step: Callable[[int, dict[str, float]], None] | None = None
-                  ) -> VariationalResult:
+                  tolerance: float = 0.05, on_step: Callable[[int, dict[str, float]], None] | None = None,
+                  state: dict | None = None, checkpoint: Callable[[int, Callable[[], dict]], bool] | None = None
+                  ) -> VariationalResult | None:
     """Minimise Eq. 11 over Lambda for the parameters ``means`` (theta_hat, left unchanged).
 
     ``losses(plus, minus, step)`` returns the loss at theta_hat + sigma*xi and at theta_hat - sigma*xi for the
@@ -86,6 +87,11 @@ def fit_precision(losses: LossPair, means: dict[str, torch.Tensor], *, gamma: fl
     Eq. 14. The precision used for sampling is floored at the prior's tau^-2 (curvature noise may be negative);
     the returned precision is the unfloored average, so Eq. 14 stays unbiased. Converged means the mean
     relative change of Lambda over the last 10% of the steps is below ``tolerance``.
+
+    Resuming: after each step ``checkpoint(steps_done, get_state)`` is called; ``get_state()`` returns everything
+    the rest of the run depends on (step, Lambda, the 10% snapshot, the noise generator's state, the last KL and the
+    history). When ``checkpoint`` returns True the fit stops and returns None; ``state=get_state()`` of that
+    moment continues it, and the result is bit-identical to an uninterrupted fit (same device).
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -99,7 +105,20 @@ def fit_precision(losses: LossPair, means: dict[str, torch.Tensor], *, gamma: fl
     kl_every = max(1, steps // 20)
     snapshot: dict[str, torch.Tensor] = {}
     history = []
-    for step in range(steps):
+    first, kl = 0, math.nan
+    if state is not None:  # a stopped fit: its Lambda, snapshot, noise stream and record
+        first, kl, history = int(state["step"]), float(state["kl"]), list(state["history"])
+        precision = {n: state["precision"][n].to(device=precision[n].device, dtype=torch.float32).clone()
+                     for n in precision}
+        snapshot = {n: v.to(device=precision[n].device, dtype=torch.float32).clone()
+                    for n, v in state.get("snapshot", {}).items()}
+        noise.set_state(state["noise"].cpu())
+
+    def get_state() -> dict:
+        return {"step": step + 1, "precision": precision, "snapshot": snapshot, "noise": noise.get_state(),
+                "kl": kl, "history": history}
+
+    for step in range(first, steps):
         if step == checkpoint_step:
             snapshot = {name: value.clone() for name, value in precision.items()}
         xis, sigmas, plus, minus = {}, {}, {}, {}
@@ -126,6 +145,8 @@ def fit_precision(losses: LossPair, means: dict[str, torch.Tensor], *, gamma: fl
         history.append(terms)
         if on_step is not None:
             on_step(step, terms)
+        if checkpoint is not None and step + 1 < steps and checkpoint(step + 1, get_state):
+            return None
     change = sum(float(((precision[n] - snapshot[n]).abs() / precision[n].abs().clamp_min(prior_precision)).sum())
                  for n in means) / max(1, sum(v.numel() for v in means.values()))
     return VariationalResult(precision=precision, fisher=precision_to_fisher(precision, gamma, tau, scale),

@@ -161,3 +161,31 @@ def test_too_many_bad_batches_is_one_error_line(tmp_path, data, nan_on_second_ba
 @pytest.mark.parametrize("option, value", [("--save-every", 0), ("--stop-after", 0), ("--max-bad-frac", 1.5)])
 def test_invalid_robustness_options(tmp_path, data, option, value):
     one_error_line(invoke(data, tmp_path / "s.safetensors", option, value), option)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the variational estimator (Eq. 10-14): its fits are saved every --save-every steps
+
+
+VARIATIONAL = ["--model", "timm:vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2", "--estimator", "variational",
+               "--var-steps", 20, "--save-every", 1]
+
+
+def test_variational_stop_and_continue_is_byte_identical(tmp_path, data):
+    """Stops in the clean fit, exactly between the two fits, and in the shifted fit after its convergence snapshot
+    (step 19 of 20) must all continue to the bytes of an uninterrupted run (the oracle)."""
+    whole = tmp_path / "whole" / "scores.safetensors"
+    whole.parent.mkdir()
+    ok(invoke(data, whole, *VARIATIONAL))
+    out = tmp_path / "stopped" / "scores.safetensors"
+    out.parent.mkdir()
+    first = ok(invoke(data, out, *VARIATIONAL, "--stop-after", 7))
+    assert "7 of 40 variational steps done" in " ".join(first.stdout.split()) and not out.exists()
+    ok(invoke(data, out, *VARIATIONAL, "--resume", "--stop-after", 13))  # global step 20: the clean fit is done
+    ok(invoke(data, out, *VARIATIONAL, "--resume", "--stop-after", 19))  # step 39: shifted fit's snapshot taken
+    again = ok(invoke(data, out, *VARIATIONAL))
+    assert "from variational step 39 of 40" in " ".join(again.stdout.split())
+    assert out.read_bytes() == whole.read_bytes()
+    assert head(out).read_bytes() == head(whole).read_bytes()
+    assert not partial(out).exists()
+    one_error_line(invoke(data, out.with_name("x.safetensors"), *VARIATIONAL, "--resume"), "--resume")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import FisherscanError
 from . import app, console, print_paths, stdout, user_errors
@@ -33,11 +34,14 @@ def eval_command(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images"),
     batch_size: int = typer.Option(4, "--batch-size", help="slide windows per forward pass"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for eval.json and eval.csv (default RUN/eval)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs (listed in "
+                                                            "eval.json) instead of stopping"),
 ) -> None:
     """mIoU per data set (confusion matrix over the whole set, 19 classes) and their mean; JSON and CSV saved."""
     from ..tuning import load_run
     from ..evaluate import (SCORE_AT, check_window, evaluate_datasets, parse_resize, prepare_datasets,
                             results_table, save_results)
+    from ..data import skipped_note
     from ..scoring import resolve_device
 
     with user_errors():
@@ -47,7 +51,7 @@ def eval_command(
             raise FisherscanError(f"--score-at {score_at}: use one of {', '.join(SCORE_AT)}")
         target = out if out is not None else checkpoint / "eval"
         torch_device = resolve_device(device)
-        datasets = prepare_datasets(data, layout, split, images, seed)  # wrong folders fail before the model loads
+        datasets = prepare_datasets(data, layout, split, images, seed, skip_bad)  # wrong folders fail before the model
         segmenter, manifest = load_run(checkpoint, weights, torch_device)
         result = evaluate_datasets(segmenter, datasets, crop=crop, stride=stride, resize=resize, keep_ratio=keep_ratio,
                                    score_at=score_at, device=torch_device, split=split, images=images, seed=seed,
@@ -60,6 +64,11 @@ def eval_command(
         stdout.print(results_table(result))
         stdout.print(f"mIoU (mean of {len(result.datasets)} data sets): {100 * result.miou:.2f}", markup=False,
                      highlight=False)
+        for dataset in datasets:
+            if dataset.skipped:
+                stdout.print(f"[yellow]note:[/] {escape(dataset.name)}: "
+                             f"{escape(skipped_note(dataset.skipped, len(dataset.pairs) + len(dataset.skipped)))}",
+                             highlight=False)
         print_paths(("json", json_path), ("table", csv_path))
 
 

@@ -60,13 +60,15 @@ def score(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes"),
     chunk_size: int = typer.Option(8, "--chunk-size", help="images per vectorised per-image-gradient chunk"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (and discard a partial file)"),
-    save_every: int = typer.Option(50, "--save-every", help="diagonal: save the resumable state every N batches"),
+    save_every: int = typer.Option(50, "--save-every", help="save the resumable state every N batches (variational: steps)"),
     resume: bool = typer.Option(False, "--resume", help="continue from <out stem>.partial.safetensors"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after",
                                              help="stop resumably after N batches of this run (no scores file yet)"),
     max_bad_frac: float = typer.Option(0.1, "--max-bad-frac",
                                        help="stop with an error when more than this fraction of batches has "
                                             "non-finite losses or gradients (such batches are skipped)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs (checked "
+                                                            "before the run, listed in the metadata) instead of stopping"),
 ) -> None:
     """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
     from ..scoring import ScoreConfig, run_score
@@ -79,7 +81,8 @@ def score(
                              perturb_at=perturb_at,
                              normalize=normalize, delta_eps=delta_eps, shift_weight=shift_weight, seed=seed,
                              device=device, workers=workers, chunk_size=chunk_size, overwrite=overwrite,
-                             save_every=save_every, resume=resume, stop_after=stop_after, max_bad_frac=max_bad_frac)
+                             save_every=save_every, resume=resume, stop_after=stop_after, max_bad_frac=max_bad_frac,
+                             skip_bad=skip_bad)
         result = run_score(config, console)
         if not result.finished:
             for note in result.notes:

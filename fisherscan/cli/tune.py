@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..groups import CANDIDATE_GROUPS
 from . import app, console, parse_fraction, print_paths, stdout, user_errors
@@ -53,7 +54,12 @@ def tune(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     workers: int = typer.Option(2, "--workers"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished run (or a stopped one) in --out"),
+    max_bad_frac: float = typer.Option(0.1, "--max-bad-frac",
+                                       help="stop with an error when more than this fraction of steps has non-finite "
+                                            "losses or gradients (such steps are skipped)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs (checked "
+                                                            "before the run, listed in the manifest) instead of stopping"),
 ) -> None:
     """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
     from ..tuning import TuneConfig, run_tune, trainable_summary
@@ -68,8 +74,10 @@ def tune(
             warmup_steps=warmup_steps, full_checkpoint=full_checkpoint, resume=resume, save_every=save_every,
             stop_after=stop_after, eval=tuple(eval or ()), eval_every=eval_every, eval_layout=eval_layout,
             eval_split=eval_split, eval_crop=eval_crop, eval_stride=eval_stride, seed=seed, device=device,
-            workers=workers, overwrite=overwrite)
+            workers=workers, overwrite=overwrite, max_bad_frac=max_bad_frac, skip_bad=skip_bad)
         result = run_tune(config, console)
+        for note in result.notes:
+            stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         if not result.finished:
             stdout.print(f"stopped after step {len(result.log)} as asked; continue with --resume", markup=False)
             print_paths(("checkpoint", out / "checkpoint.safetensors"))
