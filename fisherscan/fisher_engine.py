@@ -1,0 +1,278 @@
+"""Exact per-image squared gradients (Eq. 9) at about the cost of one training step: the hook engine.
+
+One batched forward and one backward per batch. The parameters do not require grad -- the input does -- so
+autograd computes only activation gradients and skips the weight-gradient matmuls. Forward hooks keep each
+scored layer's input; a hook on the layer's output receives the gradient g = d(sum_i loss_i)/d output, whose
+rows for image i are d loss_i / d output_i, because each image's loss depends on that image alone (eval mode;
+Eq. 6's batch spread is held constant). The layer's rule (``fisherscan.per_image_rules``) turns (input, g) into
+per-image parameter gradients, a chunk of ``chunk_size`` images at a time, and their squares are added to fp32
+accumulators; the kept input is freed as soon as its rule has run.
+
+Never silently skipped: a parameter that no rule covers (a module type without a rule, a module called more
+than once per forward, a parameter shared between modules, one whose rule never received a gradient) is
+computed exactly on the slower path -- torch.func vmap(grad) restricted to those parameters
+(``fisherscan.fisher.vmap_squared_gradient_sum``). ``HookEngine.visits`` records which way each parameter went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import per_image_rules as rules
+from .perturb import TokenShift
+
+FALLBACK = "fallback"
+UNUSED = "unused"
+_UNUSED_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Site:
+    """One scored module: its rule and its parameters (local name -> full name)."""
+
+    module: nn.Module
+    rule: rules.Rule
+    names: dict[str, str]
+    calls: int = 0
+    saved: torch.Tensor | None = None
+    failed: bool = False
+
+
+@dataclass
+class _TokenSite:
+    """Prefix and position tokens that enter through ``embed(x)``, x the tokens a hook sees."""
+
+    owner: nn.Module
+    embed: object
+    names: dict[str, str]
+    calls: int = 0
+    pending: list = field(default_factory=list)
+
+
+def _sam_types() -> tuple[type, ...]:
+    try:
+        from timm.models.vision_transformer_sam import VisionTransformerSAM
+    except ImportError:  # pragma: no cover
+        return ()
+    return (VisionTransformerSAM,)
+
+
+TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed")
+
+
+class HookEngine:
+    """The hook engine for ``model`` and the scored parameters ``params`` (full name -> parameter)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], chunk_size: int = 8):
+        self.model, self.params, self.chunk_size = model, dict(params), max(1, int(chunk_size))
+        self.visits: dict[str, str] = {}
+        name_of = {id(p): n for n, p in self.params.items()}
+        owners: dict[str, int] = {}
+        for _, module in model.named_modules():
+            for local, p in module.named_parameters(recurse=False):
+                if id(p) in name_of:
+                    owners[name_of[id(p)]] = owners.get(name_of[id(p)], 0) + 1
+        shared = {n for n, count in owners.items() if count > 1}
+        self.sites: list[_Site] = []
+        self.token_sites: list[_TokenSite] = []
+        self.planned: dict[str, str] = {}  # full name -> rule name
+        for _, module in model.named_modules():
+            direct = {local: name_of[id(p)] for local, p in module.named_parameters(recurse=False)
+                      if id(p) in name_of and name_of[id(p)] not in shared}
+            if not direct:
+                continue
+            tokens = {k: v for k, v in direct.items() if k in TOKEN_NAMES}
+            if tokens and self._add_token_site(module, tokens):
+                direct = {k: v for k, v in direct.items() if k not in tokens}
+            rule = rules.rule_for(module)
+            if rule is None or not direct:
+                continue
+            self.sites.append(_Site(module, rule, direct))
+            self.planned.update({full: rule.__name__ for full in direct.values()})
+
+    def _add_token_site(self, module: nn.Module, tokens: dict[str, str]) -> bool:
+        if callable(getattr(type(module), "_pos_embed", None)):  # timm VisionTransformer, Eva
+            self.token_sites.append(_TokenSite(module, None, tokens))
+        elif isinstance(module, _sam_types()) and set(tokens) == {"pos_embed"}:  # x = patch_embed(x) + pos
+            from timm.layers import resample_abs_pos_embed_nhwc
+
+            self.token_sites.append(_TokenSite(module, lambda x, m=module: x + resample_abs_pos_embed_nhwc(
+                m.pos_embed, x.shape[1:3]), tokens))
+        else:
+            return False
+        self.planned.update({full: "tokens" for full in tokens.values()})
+        return True
+
+    # --- hooks -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _attached(self, sums: dict[str, torch.Tensor], images: int):
+        handles = []
+        wrapped = []
+
+        for site in self.sites:
+            site.calls, site.saved, site.failed = 0, None, False
+
+            def forward_hook(module, args, output, site=site):
+                if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                    return
+                site.calls += 1
+                if site.calls > 1 or not args or not isinstance(args[0], torch.Tensor):
+                    site.failed = True
+                    return
+                site.saved = args[0].detach()
+                output.register_hook(lambda g, site=site: self._apply(site, g, sums, images))
+
+            handles.append(site.module.register_forward_hook(forward_hook))
+
+        for token in self.token_sites:
+            token.calls, token.pending = 0, []
+
+            def keep(x, out, token=token):
+                tensor = out[0] if isinstance(out, tuple) else out
+                if torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    token.calls += 1
+                    saved = x.detach()
+                    tensor.register_hook(lambda g, token=token, saved=saved: token.pending.append((saved, g)))
+
+            if token.embed is None:  # wrap the instance's _pos_embed(x)
+                original = token.owner._pos_embed
+                token.embed = lambda x, original=original: (lambda out: out[0] if isinstance(out, tuple) else out)(
+                    original(x))
+
+                def pos_embed(x, original=original, token=token):
+                    out = original(x)
+                    keep(x, out, token)
+                    return out
+
+                token.owner._pos_embed = pos_embed
+                wrapped.append(token)
+            else:  # SAM: the patch embedding's output is what the position embedding is added to
+                handles.append(token.owner.patch_embed.register_forward_hook(
+                    lambda module, args, output, token=token: keep(output, output, token)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for token in wrapped:
+                del token.owner._pos_embed
+                token.embed = None
+
+    def _apply(self, site: _Site, g: torch.Tensor, sums: dict[str, torch.Tensor], images: int) -> None:
+        x, site.saved = site.saved, None
+        if site.failed or x is None or x.shape[0] != g.shape[0] or x.shape[0] % images:
+            site.failed = True
+            return
+        k = x.shape[0] // images
+        for start in range(0, images, self.chunk_size):
+            n = min(self.chunk_size, images - start)
+            grads = site.rule(site.module, x[start * k:(start + n) * k], g[start * k:(start + n) * k], n)
+            for local, value in grads.items():
+                sums[site.names[local]] += value.float().square().sum(dim=0)
+                self.visits[site.names[local]] = site.rule.__name__
+
+    def _finish_tokens(self, sums: dict[str, torch.Tensor]) -> None:
+        for token in self.token_sites:
+            if token.calls != 1 or len(token.pending) != 1:
+                continue
+            x, g = token.pending.pop()
+            params = {local: getattr(token.owner, local) for local in token.names}
+            embed = token.embed
+            if embed is None:
+                original = type(token.owner)._pos_embed.__get__(token.owner)
+                embed = lambda x, original=original: (lambda out: out[0] if isinstance(out, tuple) else out)(original(x))
+            for start in range(0, x.shape[0], self.chunk_size):
+                grads = rules.token_gradients(embed, params, x[start:start + self.chunk_size],
+                                              g[start:start + self.chunk_size])
+                for local, value in grads.items():
+                    sums[token.names[local]] += value.square().sum(dim=0)
+                    self.visits[token.names[local]] = "tokens"
+
+    def _unused(self, names: list[str], x, y, uniforms, ignore_index, autocast_dtype) -> set[str]:
+        """Which of ``names`` have no path to the loss (such as a norm only the classification head uses): one
+        forward with only those parameters requiring grad, once per model and parameter set (cached)."""
+        from .fisher import image_loss, sample_labels, upsample_logits
+
+        key = tuple(sorted(names))
+        cache = _UNUSED_CACHE.setdefault(self.model, {})
+        if key not in cache:
+            flags = {p: p.requires_grad for p in self.model.parameters()}
+            probe = [self.params[n] for n in names]
+            try:
+                for p in flags:
+                    p.requires_grad_(False)
+                for p in probe:
+                    p.requires_grad_(True)
+                with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):  # the Eq. 6 shift changes no path
+                    logits = upsample_logits(self.model(x[:1]).float(), tuple(y.shape[-2:]))
+                target = y[:1].to(logits.device)
+                if uniforms is not None:
+                    target = sample_labels(logits, uniforms[:1].to(logits.device), target != ignore_index, ignore_index)
+                loss = image_loss(logits, target, ignore_index)
+                grads = (torch.autograd.grad(loss, probe, allow_unused=True) if loss.requires_grad
+                         else [None] * len(probe))
+            finally:
+                for p, flag in flags.items():
+                    p.requires_grad_(flag)
+            cache[key] = {n for n, g in zip(names, grads) if g is None}
+        return set(cache[key])
+
+    # --- one batch -------------------------------------------------------------------------------------------
+    def squared_gradient_sum(self, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None, *,
+                             ignore_index: int = 255, shift: TokenShift | None = None,
+                             shift_eps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """sum_i (d loss_i / d theta)^2 over the images of the batch, fp32, for every scored parameter."""
+        from .fisher import image_loss, sample_labels, upsample_logits, vmap_squared_gradient_sum
+
+        images = x.shape[0]
+        sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.visits = {}
+        flags = {p: p.requires_grad for p in self.model.parameters()}
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            with self._attached(sums, images), (shift if shift is not None else contextlib.nullcontext()):
+                if shift is not None:
+                    if shift_eps is None:
+                        shift_eps = (torch.zeros(images, 1), torch.zeros(images, 1))
+                    shift.eps = tuple(e.to(x.device) for e in shift_eps)
+                x_in = x.detach().requires_grad_(True)
+                with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    logits = self.model(x_in)
+                logits = upsample_logits(logits.float(), tuple(y.shape[-2:]))
+                target = y.to(logits.device)
+                if uniforms is not None:
+                    target = sample_labels(logits, uniforms.to(logits.device), target != ignore_index, ignore_index)
+                loss = image_loss(logits, target, ignore_index)  # sum over images of each image's summed loss
+                torch.autograd.grad(loss, x_in)
+                del logits, loss
+                self._finish_tokens(sums)
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        for site in self.sites:
+            if site.failed or site.calls != 1:
+                for full in site.names.values():
+                    self.visits.pop(full, None)
+                    sums[full].zero_()
+        rest = [n for n in self.params if n not in self.visits]
+        unused = self._unused(rest, x, y, uniforms, ignore_index, autocast_dtype) if rest else set()
+        for n in unused:
+            self.visits[n] = UNUSED  # no path to the loss: the gradient is exactly zero
+        rest = [n for n in rest if n not in unused]
+        if rest:
+            extra = vmap_squared_gradient_sum(self.model, {n: self.params[n] for n in rest}, x, y, uniforms,
+                                              ignore_index=ignore_index, shift=shift, shift_eps=shift_eps,
+                                              chunk_size=self.chunk_size, autocast_dtype=autocast_dtype)
+            for n in rest:
+                sums[n] = extra[n]
+                self.visits[n] = FALLBACK
+        return sums
