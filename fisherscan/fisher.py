@@ -115,7 +115,9 @@ def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor],
     per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0))
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     inputs = (x, y, uniforms, *shift_eps)
-    with warnings.catch_warnings(), (shift if shift is not None else contextlib.nullcontext()):
+    # no_grad outside: torch.func.grad still differentiates inside, but parameters outside ``params`` that
+    # require grad do not make the sums carry a graph
+    with warnings.catch_warnings(), torch.no_grad(), (shift if shift is not None else contextlib.nullcontext()):
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for chunk in zip(*(t.to(x.device).split(chunk_size) for t in inputs)):
             for name, g in per_image_grads(params, *chunk).items():

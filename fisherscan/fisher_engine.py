@@ -41,6 +41,8 @@ class _Site:
     calls: int = 0
     saved: torch.Tensor | None = None
     failed: bool = False
+    hooked: nn.Module | None = None  # whose input and output gradient the rule reads (default: module)
+    switches: dict = field(default_factory=dict)  # module attributes set while the engine runs
 
 
 @dataclass
@@ -89,10 +91,13 @@ class HookEngine:
             tokens = {k: v for k, v in direct.items() if k in TOKEN_NAMES}
             if tokens and self._add_token_site(module, tokens):
                 direct = {k: v for k, v in direct.items() if k not in tokens}
-            rule = rules.rule_for(module)
+            rule, hooked, switches = rules.rule_for(module), None, {}
+            child = rules.child_rule_for(module)
+            if child is not None:
+                hooked, rule, switches = getattr(module, child[0]), child[1], child[2]
             if rule is None or not direct:
                 continue
-            self.sites.append(_Site(module, rule, direct))
+            self.sites.append(_Site(module, rule, direct, hooked=hooked, switches=switches))
             self.planned.update({full: rule.__name__ for full in direct.values()})
 
     def _add_token_site(self, module: nn.Module, tokens: dict[str, str]) -> bool:
@@ -113,6 +118,7 @@ class HookEngine:
     def _attached(self, sums: dict[str, torch.Tensor], images: int):
         handles = []
         wrapped = []
+        restore = []
 
         for site in self.sites:
             site.calls, site.saved, site.failed = 0, None, False
@@ -127,7 +133,10 @@ class HookEngine:
                 site.saved = args[0].detach()
                 output.register_hook(lambda g, site=site: self._apply(site, g, sums, images))
 
-            handles.append(site.module.register_forward_hook(forward_hook))
+            handles.append((site.hooked or site.module).register_forward_hook(forward_hook))
+            for attr, value in site.switches.items():
+                restore.append((site.module, attr, getattr(site.module, attr)))
+                setattr(site.module, attr, value)
 
         for token in self.token_sites:
             token.calls, token.pending = 0, []
@@ -159,6 +168,8 @@ class HookEngine:
         finally:
             for handle in handles:
                 handle.remove()
+            for module, attr, value in restore:
+                setattr(module, attr, value)
             for token in wrapped:
                 del token.owner._pos_embed
                 token.embed = None

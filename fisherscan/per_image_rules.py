@@ -96,6 +96,29 @@ def layer_scale(module: nn.Module, x: torch.Tensor, g: torch.Tensor, images: int
     return {"gamma": (_tokens(g.float(), images, channels) * _tokens(x.float(), images, channels)).sum(dim=1)}
 
 
+def eva_qkv_bias(module: nn.Module, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """timm's EvaAttention with a fused qkv and separate q/v biases (k has none): qkv = x W^T + (q_bias, 0,
+    v_bias). With x and g those of its ``qkv`` Linear, the biases' per-image gradients are the token sums of the
+    q and v thirds of g (W is the Linear rule's)."""
+    channels = module.q_bias.shape[0]
+    summed = _tokens(g.float(), images, 3 * channels).sum(dim=1)
+    return {"q_bias": summed[:, :channels], "v_bias": summed[:, 2 * channels:]}
+
+
+def child_rule_for(module: nn.Module) -> tuple[str, Rule, dict] | None:
+    """For a module whose own parameters act on a child's output: (child name, rule, attributes to set during
+    the engine's pass). EVA's fused attention adds its q/v biases after the qkv Linear when told to
+    (``qkv_bias_separate``), so the Linear's hooks see the product."""
+    try:
+        from timm.models.eva import EvaAttention
+    except ImportError:  # pragma: no cover
+        return None
+    if (type(module) is EvaAttention and getattr(module, "qkv", None) is not None and module.q_bias is not None
+            and hasattr(module, "qkv_bias_separate") and isinstance(module.qkv, nn.Linear)):
+        return "qkv", eva_qkv_bias, {"qkv_bias_separate": True}
+    return None
+
+
 def token_gradients(embed: Callable[[torch.Tensor], torch.Tensor], params: dict[str, torch.Tensor],
                     x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image gradients of ``params`` (cls, register and position tokens) that enter through ``embed``, a cheap
