@@ -183,8 +183,8 @@ class HookEngine:
         for start in range(0, images, self.chunk_size):
             n = min(self.chunk_size, images - start)
             grads = site.rule(site.module, x[start * k:(start + n) * k], g[start * k:(start + n) * k], n)
-            for local, value in grads.items():
-                sums[site.names[local]] += value.float().square().sum(dim=0)
+            for local, value in grads.items():  # rules return tensors of their own: squared in place
+                sums[site.names[local]] += value.float().square_().sum(dim=0)
                 self.visits[site.names[local]] = site.rule.__name__
 
     def _finish_tokens(self, sums: dict[str, torch.Tensor]) -> None:

@@ -4,7 +4,8 @@ For a layer y = f(x; theta) applied to every image of a batch independently, the
 with respect to theta needs only the layer's input x_i and the gradient g_i = d loss_i / d y_i that reaches
 its output. Each rule below takes a chunk of ``images`` images -- x and g with a batch-major leading dimension
 ``images * k`` (k > 1 where a model folds windows or tokens into the batch, as SAM's window attention does) --
-and returns {parameter name: per-image gradients (images, *parameter shape)} for the layer's own parameters.
+and returns {parameter name: per-image gradients (images, *parameter shape)} for the layer's own parameters, in
+tensors the caller may overwrite (the engine squares them in place).
 Rules do no autograd; the engine (``fisherscan.fisher_engine``) squares and sums what they return.
 
 One small function per layer type, dispatched by exact module type (``rule_for``), in the style of BackPACK's
