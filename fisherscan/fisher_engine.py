@@ -8,10 +8,13 @@ Eq. 6's batch spread is held constant). The layer's rule (``fisherscan.per_image
 per-image parameter gradients, a chunk of ``chunk_size`` images at a time, and their squares are added to fp32
 accumulators; the kept input is freed as soon as its rule has run.
 
-Never silently skipped: a parameter that no rule covers (a module type without a rule, a module called more
-than once per forward, a parameter shared between modules, one whose rule never received a gradient) is
-computed exactly on the slower path -- torch.func vmap(grad) restricted to those parameters
-(``fisherscan.fisher.vmap_squared_gradient_sum``). ``HookEngine.visits`` records which way each parameter went.
+Never silently skipped. A module type without a rule (SAM's attention with its rel_pos_h/w tables, say) is
+recomputed image by image on its saved input, with autograd to its own parameters only ("recompute"). What
+remains (a module called more than once per forward, a parameter shared between modules or used outside its
+module, a recompute that cannot be done) is computed exactly on the slowest path: torch.func vmap(grad)
+restricted to those parameters (``fisherscan.fisher.vmap_squared_gradient_sum``, "fallback"). Parameters with
+no path to the loss are found once per model and get exact zeros ("unused"). ``HookEngine.visits`` records
+which way each parameter went.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from . import per_image_rules as rules
 from .perturb import TokenShift
 
 FALLBACK = "fallback"
+RECOMPUTE = "recompute"
 UNUSED = "unused"
 _UNUSED_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -43,6 +47,7 @@ class _Site:
     failed: bool = False
     hooked: nn.Module | None = None  # whose input and output gradient the rule reads (default: module)
     switches: dict = field(default_factory=dict)  # module attributes set while the engine runs
+    call: tuple | None = None  # recompute sites: (other args, kwargs, autocast dtype or None) of the call
 
 
 @dataclass
@@ -65,6 +70,7 @@ def _sam_types() -> tuple[type, ...]:
 
 
 TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed")
+MATMUL_RULES = (rules.linear, rules.conv2d)
 
 
 class HookEngine:
@@ -73,6 +79,7 @@ class HookEngine:
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], chunk_size: int = 8):
         self.model, self.params, self.chunk_size = model, dict(params), max(1, int(chunk_size))
         self.visits: dict[str, str] = {}
+        self._paused = False
         name_of = {id(p): n for n, p in self.params.items()}
         owners: dict[str, int] = {}
         for _, module in model.named_modules():
@@ -95,10 +102,14 @@ class HookEngine:
             child = rules.child_rule_for(module)
             if child is not None:
                 hooked, rule, switches = getattr(module, child[0]), child[1], child[2]
-            if rule is None or not direct:
+            if not direct:
                 continue
+            if rule is None:  # no rule: image by image, autograd through this module alone (not the model)
+                if module is model:
+                    continue  # that would be the whole per-image loop: left to the vmap fallback
+                rule = RECOMPUTE
             self.sites.append(_Site(module, rule, direct, hooked=hooked, switches=switches))
-            self.planned.update({full: rule.__name__ for full in direct.values()})
+            self.planned.update({full: getattr(rule, "__name__", RECOMPUTE) for full in direct.values()})
 
     def _add_token_site(self, module: nn.Module, tokens: dict[str, str]) -> bool:
         if callable(getattr(type(module), "_pos_embed", None)):  # timm VisionTransformer, Eva
@@ -123,17 +134,32 @@ class HookEngine:
         for site in self.sites:
             site.calls, site.saved, site.failed = 0, None, False
 
-            def forward_hook(module, args, output, site=site):
-                if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            def forward_hook(module, args, *rest, site=site):
+                output, kwargs = rest[-1], (rest[0] if len(rest) == 2 else {})
+                if self._paused or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) \
+                        or not output.requires_grad:
                     return
                 site.calls += 1
                 if site.calls > 1 or not args or not isinstance(args[0], torch.Tensor):
                     site.failed = True
                     return
-                site.saved = args[0].detach()
+                if site.rule == RECOMPUTE:
+                    device = args[0].device.type
+                    others = [*args[1:], *kwargs.values()]
+                    if any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == args[0].shape[0] for t in others):
+                        site.failed = True  # another batched input: slicing it is not safe to guess
+                        return
+                    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+                    site.call = (args[1:], kwargs, autocast)
+                x = args[0].detach()
+                device = x.device.type
+                if site.rule in MATMUL_RULES and x.is_floating_point() and torch.is_autocast_enabled(device):
+                    x = x.to(torch.get_autocast_dtype(device))  # what the matmul read; half the memory of fp32
+                site.saved = x
                 output.register_hook(lambda g, site=site: self._apply(site, g, sums, images))
 
-            handles.append((site.hooked or site.module).register_forward_hook(forward_hook))
+            handles.append((site.hooked or site.module).register_forward_hook(
+                forward_hook, with_kwargs=site.rule == RECOMPUTE))
             for attr, value in site.switches.items():
                 restore.append((site.module, attr, getattr(site.module, attr)))
                 setattr(site.module, attr, value)
@@ -143,7 +169,8 @@ class HookEngine:
 
             def keep(x, out, token=token):
                 tensor = out[0] if isinstance(out, tuple) else out
-                if torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                if not self._paused and torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) \
+                        and tensor.requires_grad:
                     token.calls += 1
                     saved = x.detach()
                     tensor.register_hook(lambda g, token=token, saved=saved: token.pending.append((saved, g)))
@@ -180,12 +207,48 @@ class HookEngine:
             site.failed = True
             return
         k = x.shape[0] // images
+        if site.rule == RECOMPUTE:
+            self._recompute(site, x, g, sums, images, k)
+            return
         for start in range(0, images, self.chunk_size):
             n = min(self.chunk_size, images - start)
             grads = site.rule(site.module, x[start * k:(start + n) * k], g[start * k:(start + n) * k], n)
             for local, value in grads.items():  # rules return tensors of their own: squared in place
                 sums[site.names[local]] += value.float().square_().sum(dim=0)
                 self.visits[site.names[local]] = site.rule.__name__
+
+    def _recompute(self, site: _Site, x: torch.Tensor, g: torch.Tensor, sums: dict[str, torch.Tensor],
+                   images: int, k: int) -> None:
+        """The exact path for a module without a rule: per image, its forward again on that image's rows of the
+        saved input (other layers' hooks paused) and autograd to its own parameters only, with the output
+        gradient as the cotangent. Any failure leaves the parameters to the vmap fallback."""
+        args, kwargs, autocast = site.call
+        site.call = None
+        params = {local: getattr(site.module, local) for local in site.names}
+        device = x.device.type
+        grads = {local: [] for local in params}
+        try:
+            self._paused = True
+            for p in params.values():
+                p.requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(device, dtype=autocast or torch.bfloat16,
+                                                     enabled=autocast is not None):
+                for i in range(images):
+                    out = site.module.forward(x[i * k:(i + 1) * k], *args, **kwargs)
+                    values = torch.autograd.grad(out, list(params.values()), g[i * k:(i + 1) * k].to(out.dtype),
+                                                 allow_unused=True)
+                    for local, value in zip(params, values):
+                        grads[local].append(torch.zeros_like(params[local]) if value is None else value)
+        except RuntimeError:
+            site.failed = True
+            return
+        finally:
+            self._paused = False
+            for p in params.values():
+                p.requires_grad_(False)
+        for local, values in grads.items():
+            sums[site.names[local]] += torch.stack(values).float().square_().sum(dim=0)
+            self.visits[site.names[local]] = RECOMPUTE
 
     def _finish_tokens(self, sums: dict[str, torch.Tensor]) -> None:
         for token in self.token_sites:

@@ -39,10 +39,20 @@ def _tokens(t: torch.Tensor, images: int, channels: int) -> torch.Tensor:
     return t.reshape(images, -1, channels)
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per image; on CUDA, bf16/fp16 operands give an fp32 product directly (no rounding to bf16 first)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # pragma: no cover - older torch or unsupported: plain bmm
+            pass
+    return torch.bmm(a, b)
+
+
 def linear(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
     """y = x W^T + b on (..., in) tokens: dW_i = sum_t g_it^T x_it (batched matmul), db_i = sum_t g_it."""
     g3 = _tokens(g, images, module.out_features)
-    out = {"weight": torch.bmm(g3.transpose(1, 2), _tokens(x, images, module.in_features).to(g3.dtype))}
+    out = {"weight": _bmm(g3.transpose(1, 2), _tokens(x, images, module.in_features).to(g3.dtype))}
     if module.bias is not None:
         out["bias"] = g3.float().sum(dim=1)
     return out
@@ -85,7 +95,7 @@ def conv2d(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, images: int) -> 
     g3 = g.flatten(2)  # (images * k, out, L)
     cols = cols.transpose(1, 2).reshape(images, -1, cols.shape[1])
     g3 = g3.transpose(1, 2).reshape(images, -1, g3.shape[1])
-    out = {"weight": torch.bmm(g3.transpose(1, 2), cols).reshape(images, *module.weight.shape)}
+    out = {"weight": _bmm(g3.transpose(1, 2), cols).reshape(images, *module.weight.shape)}
     if module.bias is not None:
         out["bias"] = g3.float().sum(dim=1)
     return out

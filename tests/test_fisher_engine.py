@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fisherscan.fisher import squared_gradient_sum, trainable_parameters
-from fisherscan.fisher_engine import FALLBACK, UNUSED, HookEngine
+from fisherscan.fisher_engine import FALLBACK, RECOMPUTE, UNUSED, HookEngine
 from fisherscan.perturb import TokenShift
 
 from test_fisher import IGNORE, OracleShift, assert_close_dicts, brute_force_fisher
@@ -25,8 +25,8 @@ FAMILIES = {
     "sam": ("samvit_base_patch16", dict(img_size=64, window_size=2, global_attn_indexes=(1,), neck_chans=16)),
     "mae": ("vit_base_patch16_224.mae", dict(img_size=32)),
 }
-# parameters no rule covers, computed by the exact fallback (or found unused: no path to the segmentation loss)
-EXPECTED_FALLBACK = {"sam": {f"backbone.blocks.{i}.attn.rel_pos_{a}" for i in range(2) for a in "hw"}}
+# parameters no rule covers, recomputed module by module (or found unused: no path to the segmentation loss)
+EXPECTED_RECOMPUTE = {"sam": {f"backbone.blocks.{i}.attn.rel_pos_{a}" for i in range(2) for a in "hw"}}
 EXPECTED_UNUSED = {"eva02": {"backbone.fc_norm.weight", "backbone.fc_norm.bias"},
                    "eva02-fused": {"backbone.fc_norm.weight", "backbone.fc_norm.bias"}}
 
@@ -97,9 +97,10 @@ def test_engine_equals_per_image_loop_given_labels(family):
     engine = HookEngine(model, trainable_parameters(model))
     got = {n: v / 3 for n, v in engine.squared_gradient_sum(x, y).items()}
     assert_close_dicts(got, oracle(name, model, [(x, y)]))
-    # every parameter visited: by its rule, or by the exact fallback where none applies, or found unused
+    # every parameter visited: by its rule, by recomputing its module where none applies, or found unused
     assert set(engine.visits) == set(dict(model.named_parameters()))
-    assert {n for n, how in engine.visits.items() if how == FALLBACK} == EXPECTED_FALLBACK.get(name, set())
+    assert {n for n, how in engine.visits.items() if how == RECOMPUTE} == EXPECTED_RECOMPUTE.get(name, set())
+    assert not [n for n, how in engine.visits.items() if how == FALLBACK]
     assert {n for n, how in engine.visits.items() if how == UNUSED} == EXPECTED_UNUSED.get(name, set())
     assert all(float(got[n].sum()) > 0 for n, how in engine.visits.items() if how != UNUSED)
 
@@ -179,3 +180,29 @@ def test_bf16_autocast_accumulates_in_fp32_close_to_fp32():
     for name in ("backbone.blocks.1.attn.qkv.weight", "backbone.blocks.0.mlp.fc1.weight", "backbone.pos_embed"):
         relative = (low[name] - exact[name]).norm() / exact[name].norm()
         assert relative < 0.1, f"{name}: {relative:.3f}"
+
+
+def test_modules_without_rules_are_recomputed_or_fall_back():
+    """GroupNorm has no rule: recomputed per image; a parameter used outside its module's forward (read by the
+    parent) never reaches a hook: the vmap fallback. Oracle: the brute-force loop."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = nn.GroupNorm(2, 4)
+            self.side = nn.Linear(4, 4)
+
+        def forward(self, x):
+            t = torch.tanh(self.norm(self.conv(x)))
+            return t + torch.einsum("bchw,dc->bdhw", t, self.side.weight)  # side's weight, not side(...)
+
+    torch.manual_seed(0)
+    model = Odd()
+    x, y = torch.randn(3, 3, 4, 4), torch.randint(0, 4, (3, 4, 4))
+    engine = HookEngine(model, {n: p for n, p in model.named_parameters() if n != "side.bias"})
+    got = engine.squared_gradient_sum(x, y)
+    assert engine.visits == {"conv.weight": "conv2d", "conv.bias": "conv2d", "norm.weight": RECOMPUTE,
+                             "norm.bias": RECOMPUTE, "side.weight": FALLBACK}
+    model.side.bias.requires_grad_(False)
+    assert_close_dicts({n: v / 3 for n, v in got.items()}, brute_force_fisher(model, [(x, y)]))
