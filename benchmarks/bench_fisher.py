@@ -6,10 +6,11 @@ Methods, all on the same batch with one sampled label map per image (the true Fi
   vmap    torch.func vmap(grad), fisherscan's reference engine (``engine="vmap"``)
   engine  the hook engine (``engine="hooks"``, fisherscan.fisher_engine), the default
 
-Each method runs in its own subprocess (fresh allocator): time per batch (median of ``--repeats`` after one
-warm-up) and peak memory -- CUDA: torch.cuda.max_memory_allocated; CPU: the growth of the process's peak resident
-set (ru_maxrss) over what it held after building the model and the batch, which counts allocator caching and is
-coarser. Ratios are to ``plain``. The JSON names the machine, the CPU and the card.
+Time: all methods in this process, interleaved round by round (``--repeats`` rounds after one warm-up each), so
+a busy machine slows them alike; the median per method and its ratio to ``plain`` (the ratio of the minima is
+stored too). Memory: each method in its own subprocess (fresh allocator) -- CUDA: torch.cuda.max_memory_allocated;
+CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs after building the model and the batch) over
+the resident set at that point -- it counts the allocator's cached pages too, so it is coarser. The JSON names the machine, the CPU and the card.
 
 GPU run of the issue (ViT-L/16, batch 8, crop 512, bf16 autocast; about 2 minutes on an H200):
 
@@ -27,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import new_report, save_report, sync  # noqa: E402
 
 METHODS = ("plain", "loop", "vmap", "engine")
-SMALL = dict(arch="vit_small_patch16_224", crop=64, batch=8,
+SMALL = dict(arch="vit_small_patch16_224", crop=96, batch=8,
              kwargs={"depth": 4, "embed_dim": 128, "num_heads": 4, "patch_size": 8, "init_values": 1e-2})
 
 
@@ -107,7 +107,7 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = reset_peak_rss()
     run()  # warm-up
     sync(device)
     seconds = []
@@ -119,9 +119,23 @@ def worker(args) -> dict:
     if device.type == "cuda":
         peak, extra = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = proc_status_bytes("VmHWM")
         extra = peak - base
     return {"seconds": seconds, "peak_gib": peak / 2**30, "peak_over_model_gib": extra / 2**30}
+
+
+def proc_status_bytes(key: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak resident set (Linux: '5' into /proc/self/clear_refs) and return the resident set now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_bytes("VmRSS")
 
 
 def cpu_name() -> str:
@@ -163,28 +177,51 @@ def main():
                   crop=args.crop, batch=args.batch, autocast="bfloat16" if args.bf16 else None, repeats=args.repeats,
                   labels="sampled, one map per image", note=args.note,
                   memory=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                          "ru_maxrss growth of a fresh process over its state after building model and batch"),
-                  timing="median seconds per batch after one warm-up, each method in its own process")
-    results = {}
+                          "peak resident set (VmHWM, reset after building model and batch) minus the resident set then, fresh process"),
+                  timing="median seconds per batch after one warm-up, methods interleaved round by round in one process")
+    results = {name: {} for name in args.methods.split(",")}
+    model, x, y, u = build(args, device)
+    runs = {name: method(name, model, x, y, u, torch.bfloat16 if args.bf16 else None) for name in results}
+    for name, run in runs.items():
+        try:
+            run()  # warm-up
+        except torch.OutOfMemoryError as error:
+            results[name]["error"] = f"out of memory: {str(error)[:200]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    times = {name: [] for name in runs if "error" not in results[name]}
+    for _ in range(args.repeats):
+        for name in times:
+            sync(device)
+            start = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    for name, seconds in times.items():
+        results[name].update(seconds=seconds, median_seconds=statistics.median(seconds), min_seconds=min(seconds))
+    print("times", json.dumps({n: r.get("median_seconds") for n, r in results.items()}), flush=True)
+    del model, x, y, u, runs
     forwarded = ["--arch", args.arch, "--kwargs", args.kwargs, "--crop", str(args.crop), "--batch", str(args.batch),
-                 "--repeats", str(args.repeats), "--device", args.device] + (["--bf16"] if args.bf16 else [])
-    for name in args.methods.split(","):
+                 "--repeats", "2", "--device", args.device] + (["--bf16"] if args.bf16 else [])
+    for name in results:  # memory: one fresh process per method
         run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, *forwarded],
                              capture_output=True, text=True)
         if run.returncode != 0:
             tail = run.stderr.strip().splitlines()[-1:] or ["failed"]
-            results[name] = {"error": tail[0][:300]}
+            results[name]["memory_error"] = tail[0][:300]
         else:
-            results[name] = json.loads(run.stdout.strip().splitlines()[-1])
-            results[name]["median_seconds"] = statistics.median(results[name]["seconds"])
+            measured = json.loads(run.stdout.strip().splitlines()[-1])
+            results[name].update(peak_gib=measured["peak_gib"], peak_over_model_gib=measured["peak_over_model_gib"],
+                                 seconds_in_own_process=measured["seconds"])
         print(name, json.dumps(results[name]), flush=True)
     report["load_average_at_end"] = os.getloadavg()
     base = results.get("plain", {})
     for name, value in results.items():
         if "median_seconds" in value and "median_seconds" in base:
             value["time_vs_plain"] = value["median_seconds"] / base["median_seconds"]
-            if base["peak_over_model_gib"] > 0:
-                value["memory_vs_plain"] = value["peak_over_model_gib"] / base["peak_over_model_gib"]
+            value["time_vs_plain_of_minima"] = value["min_seconds"] / base["min_seconds"]  # less load-sensitive
+        if value.get("peak_over_model_gib") and base.get("peak_over_model_gib", 0) > 0:
+            value["memory_vs_plain"] = value["peak_over_model_gib"] / base["peak_over_model_gib"]
     report["results"] = results
     print(f"{'method':8s} {'s/batch':>9s} {'x plain':>8s} {'peak GiB':>9s} {'mem x plain':>11s}")
     for name, value in results.items():
@@ -192,7 +229,7 @@ def main():
             print(f"{name:8s} {value['error']}")
             continue
         print(f"{name:8s} {value['median_seconds']:9.4f} {value.get('time_vs_plain', float('nan')):8.2f} "
-              f"{value['peak_over_model_gib']:9.3f} {value.get('memory_vs_plain', float('nan')):11.2f}")
+              f"{value.get('peak_over_model_gib', float('nan')):9.3f} {value.get('memory_vs_plain', float('nan')):11.2f}")
     if args.out:
         save_report(args.out, report)
 

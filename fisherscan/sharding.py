@@ -11,8 +11,6 @@ all-reduce), and every rank holds the same F(x), F(x').
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -106,10 +104,6 @@ def broadcast_module(module: torch.nn.Module, ranks: Ranks) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
-def batches_of(total: int, batch_size: int) -> int:
-    return math.ceil(total / batch_size)
-
-
 def run_diagonal_sharded(segmenter, dataset, config, device: torch.device, autocast_dtype, progress,
                          ranks: Ranks) -> tuple[dict, dict, float, dict]:
     """``scoring.run_diagonal`` across ranks (no partial files): (F(x), F(x'), mean shift s, extra metadata),
@@ -127,8 +121,8 @@ def run_diagonal_sharded(segmenter, dataset, config, device: torch.device, autoc
     shift = TokenShift(segmenter, config.perturb_at)
     prefix, channels = segmenter.backbone.num_prefix_tokens, segmenter.backbone.embed_dim
     allowed_bad = config.max_bad_frac * len(parts)
-    task = progress.add_task(f"score F(x), F(x') (rank 0 of {ranks.world})", total=total, rate="")
-    for part in parts:
+    task = progress.add_task(f"score F(x), F(x') ({ranks.world} ranks)", total=total, rate="")
+    for g, part in enumerate(parts):
         tokens = x = y = None
         if part:
             x, y, indices = next(batches)
@@ -142,7 +136,7 @@ def run_diagonal_sharded(segmenter, dataset, config, device: torch.device, autoc
                                       f"losses or gradients (more than --max-bad-frac {config.max_bad_frac}); check "
                                       "the weights, the data and --warmup-lr")
         state.next_image += len(part)
-        progress.update(task, advance=parts[0] and len(part) * ranks.world, rate="")
+        progress.update(task, advance=min(config.batch_size, total - g * config.batch_size), rate="")  # all ranks
     reduce_state(state, device)
     if state.clean.images == 0:
         raise FisherscanError(f"every batch ({state.bad_batches} parts) had non-finite losses or gradients; check "
