@@ -10,7 +10,8 @@ Time: all methods in this process, interleaved round by round (``--repeats`` rou
 a busy machine slows them alike; the median per method and its ratio to ``plain`` (the ratio of the minima is
 stored too). Memory: each method in its own subprocess (fresh allocator) -- CUDA: torch.cuda.max_memory_allocated;
 CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs after building the model and the batch) over
-the resident set at that point -- it counts the allocator's cached pages too, so it is coarser. The JSON names the machine, the CPU and the card.
+the resident set at that point -- it counts the allocator's cached pages too, so it is coarser. The JSON names the
+machine, the CPU and the card.
 
 GPU run of the issue (ViT-L/16, batch 8, crop 512, bf16 autocast; about 2 minutes on an H200):
 
@@ -19,7 +20,7 @@ GPU run of the issue (ViT-L/16, batch 8, crop 512, bf16 autocast; about 2 minute
 
 CPU run with a tiny ViT (what benchmarks/results/bench_fisher_cpu.json holds):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fisher.py --small --repeats 2 --out benchmarks/results/bench_fisher_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_fisher.py --small --repeats 7 --out benchmarks/results/bench_fisher_cpu.json
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ first-order extensions:
 - Conv2d (groups 1, numeric padding): unfolded to a Linear over patches; the patch embedding (stride = kernel)
   is the common case.
 - LayerScale: dgamma_i = sum_t g_it * x_it.
+- EVA's fused attention: its q/v biases from the gradient at its qkv Linear's output (``child_rule_for``).
 
 Prefix (cls, register) and position tokens enter through a small function of the patch tokens
 (``token_gradients``). Rotary embeddings (EVA) have no parameters. A parameter no rule covers is not skipped:
