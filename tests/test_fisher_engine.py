@@ -94,7 +94,7 @@ def family(request):
 def test_engine_equals_per_image_loop_given_labels(family):
     name, model, size = family
     x, y = images(size)
-    engine = HookEngine(model, trainable_parameters(model))
+    engine = HookEngine(model, trainable_parameters(model), chunk_size=2)  # chunks of 2 images: 2 + 1
     got = {n: v / 3 for n, v in engine.squared_gradient_sum(x, y).items()}
     assert_close_dicts(got, oracle(name, model, [(x, y)]))
     # every parameter visited: by its rule, by recomputing its module where none applies, or found unused
