@@ -70,6 +70,12 @@ def _sam_types() -> tuple[type, ...]:
 
 
 TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed")
+
+
+def _tokens_of(out):
+    """The token tensor of an embedding step's output (EVA's _pos_embed also returns its rotary embedding)."""
+    return out[0] if isinstance(out, tuple) else out
+
 MATMUL_RULES = (rules.linear, rules.conv2d)
 
 
@@ -168,7 +174,7 @@ class HookEngine:
             token.calls, token.pending = 0, []
 
             def keep(x, out, token=token):
-                tensor = out[0] if isinstance(out, tuple) else out
+                tensor = _tokens_of(out)
                 if not self._paused and torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) \
                         and tensor.requires_grad:
                     token.calls += 1
@@ -177,8 +183,7 @@ class HookEngine:
 
             if token.embed is None:  # wrap the instance's _pos_embed(x)
                 original = token.owner._pos_embed
-                token.embed = lambda x, original=original: (lambda out: out[0] if isinstance(out, tuple) else out)(
-                    original(x))
+                token.embed = lambda x, original=original: _tokens_of(original(x))
 
                 def pos_embed(x, original=original, token=token):
                     out = original(x)
@@ -256,12 +261,8 @@ class HookEngine:
                 continue
             x, g = token.pending.pop()
             params = {local: getattr(token.owner, local) for local in token.names}
-            embed = token.embed
-            if embed is None:
-                original = type(token.owner)._pos_embed.__get__(token.owner)
-                embed = lambda x, original=original: (lambda out: out[0] if isinstance(out, tuple) else out)(original(x))
-            for start in range(0, x.shape[0], self.chunk_size):
-                grads = rules.token_gradients(embed, params, x[start:start + self.chunk_size],
+            for start in range(0, x.shape[0], self.chunk_size):  # called inside _attached: token.embed is set
+                grads = rules.token_gradients(token.embed, params, x[start:start + self.chunk_size],
                                               g[start:start + self.chunk_size])
                 for local, value in grads.items():
                     sums[token.names[local]] += value.square().sum(dim=0)
