@@ -83,7 +83,7 @@ def speed(device, model_spec, crop, batch, repeats) -> dict:
         F.cross_entropy(logits, sample_labels(logits, u.to(device), y != 255), reduction="sum").backward()
 
     def vmap_engine():
-        squared_gradient_sum(model, x, y, u, chunk_size=batch, autocast_dtype=autocast)
+        squared_gradient_sum(model, x, y, u, chunk_size=batch, autocast_dtype=autocast, engine="vmap")
 
     def loop():
         sums = None

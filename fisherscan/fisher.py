@@ -8,8 +8,10 @@ each image's own gradient -- the square of a batch-mean gradient is not Eq. 9. "
 Fisher) draw y pixel-wise from softmax(logits) by inverse-CDF sampling of given uniforms, only at valid
 pixels; "given" labels (the empirical Fisher) use the label map.
 
-Per-image gradients come from one vectorised map over the batch (torch.func.vmap of grad), in chunks that
-bound memory, squared and summed into fp32 accumulators. The accumulator is one object whose state can be
+Per-image gradients come, by default, from the hook engine (``fisherscan.fisher_engine``): one batched forward
+and backward with per-layer rules, at about the cost of a training step; ``engine="vmap"`` keeps the reference
+path, one vectorised map over the batch (torch.func.vmap of grad). Both work in chunks that bound memory and
+add the squares into fp32 accumulators. The accumulator is one object whose state can be
 saved and restored.
 """
 
@@ -57,16 +59,40 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+ENGINES = ("hooks", "vmap")
+
+
 def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None,
                          *, ignore_index: int = 255, shift: TokenShift | None = None,
                          shift_eps: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         chunk_size: int = 8, autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                         chunk_size: int = 8, autocast_dtype: torch.dtype | None = None,
+                         engine: str = "hooks") -> dict[str, torch.Tensor]:
     """sum_i (d loss_i / d theta)^2 over the images of one batch, fp32, for every parameter with requires_grad.
 
     ``uniforms`` (B, H, W) in [0, 1) selects sampled labels (Eq. 9's expectation by one draw per pixel);
     None uses ``y``. With ``shift`` (Eq. 6 at a block input), ``shift_eps`` holds each image's eps draws.
+    ``engine="hooks"`` (default): one batched forward and backward with per-layer rules
+    (``fisherscan.fisher_engine``); ``"vmap"``: torch.func vmap(grad). Both are exact and agree.
     """
-    params = {name: p.detach() for name, p in trainable_parameters(model).items()}
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    params = trainable_parameters(model)
+    common = dict(ignore_index=ignore_index, shift=shift, shift_eps=shift_eps, autocast_dtype=autocast_dtype)
+    if engine == "vmap":
+        return vmap_squared_gradient_sum(model, params, x, y, uniforms, chunk_size=chunk_size, **common)
+    from .fisher_engine import HookEngine
+
+    return HookEngine(model, params, chunk_size).squared_gradient_sum(x, y, uniforms, **common)
+
+
+def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None,
+                         *, ignore_index: int = 255, shift: TokenShift | None = None,
+                         shift_eps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         chunk_size: int = 8, autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``squared_gradient_sum`` by torch.func: vmap of grad over the images, in chunks, for the parameters
+    ``params`` (name -> parameter) only; the others stay fixed. The reference path, and the hook engine's
+    fallback for parameters no rule covers."""
+    params = {name: p.detach() for name, p in params.items()}
     device_type = x.device.type
     sampled = uniforms is not None
 
@@ -89,7 +115,9 @@ def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uni
     per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0))
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     inputs = (x, y, uniforms, *shift_eps)
-    with warnings.catch_warnings(), (shift if shift is not None else contextlib.nullcontext()):
+    # no_grad outside: torch.func.grad still differentiates inside, but parameters outside ``params`` that
+    # require grad do not make the sums carry a graph
+    with warnings.catch_warnings(), torch.no_grad(), (shift if shift is not None else contextlib.nullcontext()):
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for chunk in zip(*(t.to(x.device).split(chunk_size) for t in inputs)):
             for name, g in per_image_grads(params, *chunk).items():
@@ -128,14 +156,15 @@ class FisherAccumulator:
 
 def diagonal_fisher(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                     labels: str = "sampled", ignore_index: int = 255,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, engine: str = "hooks") -> dict[str, torch.Tensor]:
     """Exact diagonal Fisher (Eq. 8, 9) of every parameter with requires_grad, float32, by name.
 
     ``model(x)`` returns logits (B, C, h, w); ``batches`` yields (x, y) with y (B, H, W) int64. The value is
     (1/N) sum over images of the squared gradient of that image's summed pixel loss. With
     ``labels="sampled"`` each image's label map is drawn from softmax(logits) with uniforms drawn from
     ``generator`` (``torch.rand(y.shape)`` per batch, on the CPU); ``labels="given"`` uses y.
-    Put the model in eval mode first (dropout and drop-path would make the gradients random).
+    Put the model in eval mode first (dropout and drop-path would make the gradients random). ``engine`` as in
+    ``squared_gradient_sum``.
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
@@ -143,7 +172,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     accumulator = FisherAccumulator(shapes)
     for x, y in batches:
         uniforms = torch.rand(y.shape, generator=generator) if labels == "sampled" else None
-        accumulator.add(squared_gradient_sum(model, x, y, uniforms, ignore_index=ignore_index), x.shape[0])
+        accumulator.add(squared_gradient_sum(model, x, y, uniforms, ignore_index=ignore_index, engine=engine), x.shape[0])
     return accumulator.fisher()
 
 

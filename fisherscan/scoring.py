@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import __version__
+from . import __version__, distributed
 from .data import (NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, check_pairs, find_pairs, make_loader, padded_size,
                    select_images, skipped_note)
 from .errors import FisherscanError
@@ -137,6 +137,7 @@ class ScoreResult:
     partial_path: Path | None = None
     batches_done: int = 0  # batches scored so far (all runs together), of ``batches_total``
     batches_total: int = 0
+    main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,11 +237,13 @@ def label_uniforms(config: ScoreConfig, y: torch.Tensor, indices: list[int], vis
 
 
 def prepare_shift(segmenter: Segmenter, shift: TokenShift, x: torch.Tensor, indices: list[int],
-                  config: ScoreConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-    """Set Eq. 6's batch spread on ``shift``; return each image's eps draws (keyed on (seed, image index)) and
-    the sum over images of the mean relative shift s they apply."""
+                  config: ScoreConfig, spread: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """Set Eq. 6's batch spread on ``shift`` (``spread`` when given: that of the global batch under torchrun);
+    return each image's eps draws (keyed on (seed, image index)) and the sum over images of the mean relative
+    shift s they apply."""
     tokens = block_input(segmenter, x, config.perturb_at)[:, getattr(segmenter.backbone, 'num_prefix_tokens', 0):].float()
-    shift.spread = statistic_spread(*channel_statistics(tokens))
+    shift.spread = spread if spread is not None else statistic_spread(*channel_statistics(tokens))
     draws = [draw_eps(1, tokens.shape[-1], keyed_generator(config.seed, i, "shift")) for i in indices]
     eps = (torch.cat([d[0] for d in draws]).to(x.device), torch.cat([d[1] for d in draws]).to(x.device))
     _, magnitude = shift_statistics(tokens, *eps, *shift.spread)
@@ -255,8 +258,10 @@ def all_finite(sums: dict[str, torch.Tensor]) -> bool:
 
 
 def score_batch(segmenter: Segmenter, state: ScoringState, shift: TokenShift, x: torch.Tensor, y: torch.Tensor,
-                indices: list[int], config: ScoreConfig, autocast_dtype: torch.dtype | None) -> bool:
-    """F(x) and F(x') (Eq. 9) of one batch into ``state``; all draws keyed on (seed, image index).
+                indices: list[int], config: ScoreConfig, autocast_dtype: torch.dtype | None,
+                spread: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+    """F(x) and F(x') (Eq. 9) of one batch into ``state``; all draws keyed on (seed, image index); ``spread``:
+    Eq. 6's batch spread when computed elsewhere (``fisherscan.sharding``).
 
     Returns False, and adds nothing, when the batch's squared-gradient sums (or its shift) are not finite.
     """
@@ -265,7 +270,7 @@ def score_batch(segmenter: Segmenter, state: ScoringState, shift: TokenShift, x:
     clean = squared_gradient_sum(segmenter, x, y, uniforms, **common)
     if not all_finite(clean):
         return False
-    eps, magnitude = prepare_shift(segmenter, shift, x, indices, config)
+    eps, magnitude = prepare_shift(segmenter, shift, x, indices, config, spread)
     if not math.isfinite(magnitude):
         return False
     shifted = squared_gradient_sum(segmenter, x, y, uniforms, shift=shift, shift_eps=eps, **common)
@@ -602,8 +607,14 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
 def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     """Run the whole ``score`` job and write ``config.out`` (+ the head beside it)."""
     check_config(config)
-    device = resolve_device(config.device)
-    partial_path, partial = plan_partial(config)
+    ranks, device = distributed.setup(resolve_device(config.device))
+    if ranks.world > 1 and (config.estimator != "diagonal" or config.resume or config.stop_after is not None):
+        distributed.teardown(ranks)
+        raise FisherscanError("under torchrun, score runs --estimator diagonal without --resume/--stop-after; "
+                              "run those in one process")
+    console = console if ranks.main else None
+    sharded = ranks.world > 1
+    partial_path, partial = plan_partial(config) if not sharded else (None, None)
     torch.manual_seed(config.seed)
     layout, pairs = find_pairs(config.data, config.layout, config.split)
     pairs = select_images(pairs, config.images, config.seed)
@@ -651,19 +662,30 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         elif config.head is not None:
             head_info = load_head(config.head, segmenter)
             warmup = {"source": str(config.head), "loaded": head_info}
-        else:
+        elif ranks.main:  # under torchrun rank 0 warms up; the others receive its head below
             for p in segmenter.decoder.parameters():
                 p.requires_grad_(True)
             final_loss = warm_up_decoder(segmenter, loader, config.warmup_steps, config.warmup_lr, device, autocast, progress)
             for p in segmenter.decoder.parameters():
                 p.requires_grad_(False)
             warmup = {"steps": config.warmup_steps, "lr": config.warmup_lr, "final_loss": final_loss}
+        else:
+            warmup = {}
+        if sharded:  # every rank scores the same model: rank 0's head (and initialisation)
+            from .sharding import broadcast_module
+
+            broadcast_module(segmenter, ranks)
 
         for p in segmenter.backbone.parameters():
             p.requires_grad_(True)
         autocast_dtype = torch.bfloat16 if autocast else None
         context = {"warmup": warmup, "skipped": skipped}
-        if config.estimator == "diagonal":
+        if sharded:
+            from .sharding import run_diagonal_sharded
+
+            f_clean, f_shift, magnitude, extra = run_diagonal_sharded(segmenter, dataset, config, device,
+                                                                      autocast_dtype, progress, ranks)
+        elif config.estimator == "diagonal":
             def save(current: ScoringState) -> None:
                 save_partial(partial_path, current, segmenter, config, context)
 
@@ -737,14 +759,18 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         "data": {"path": str(config.data), "layout": layout, "split": config.split},
         "num_classes": NUM_CLASSES,
         "device": device.type,
+        "world_size": ranks.world,
         "autocast": "bfloat16" if autocast else None,
         "options": {k: v for k, v in config_options(config).items() if k not in RUN_CONTROL},
         "notes": notes,
     }
-    save_scores(config.out, scores, metadata)
-    save_head(head_out, segmenter, {"model": config.model, "num_classes": NUM_CLASSES, "scores": str(config.out)})
+    if ranks.main:  # one writer
+        save_scores(config.out, scores, metadata)
+        save_head(head_out, segmenter, {"model": config.model, "num_classes": NUM_CLASSES, "scores": str(config.out)})
     if partial_path is not None and partial_path.exists():
         partial_path.unlink()
+    distributed.barrier(ranks)
+    distributed.teardown(ranks)
     return ScoreResult(scores=scores, metadata=metadata, head_path=head_out, notes=notes + run_notes,
                        partial_path=partial_path, batches_done=extra.get("batches_done", 0),
-                       batches_total=extra.get("batches_total", 0))
+                       batches_total=extra.get("batches_total", 0), main=ranks.main)

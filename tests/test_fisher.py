@@ -64,10 +64,12 @@ def assert_close_dicts(actual, expected, rtol=1e-4):
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
 @pytest.mark.parametrize("labels", ["given", "sampled"])
-def test_diagonal_fisher_equals_per_image_autograd_loop(segmenter, labels):
+def test_diagonal_fisher_equals_per_image_autograd_loop(segmenter, labels, engine):
     batches = [batch(0), batch(1, b=2)]
-    fisher = diagonal_fisher(segmenter, batches, labels=labels, generator=torch.Generator().manual_seed(7))
+    fisher = diagonal_fisher(segmenter, batches, labels=labels, generator=torch.Generator().manual_seed(7),
+                             engine=engine)
     uniforms = None
     if labels == "sampled":  # the same draws: torch.rand(y.shape) per batch from the same generator
         g = torch.Generator().manual_seed(7)

@@ -38,7 +38,8 @@ def score(
     layout: str = typer.Option("auto", "--layout", help="auto|gta5|cityscapes|bdd100k|mapillary|acdc|generic"),
     split: str = typer.Option("train", "--split", help="dataset split where the layout has splits"),
     images: Optional[int] = typer.Option(None, "--images", help="score a seeded random subset of N images"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="images per batch (Eq. 6's batch spread); under "
+                                                          "torchrun the global batch, split across the ranks"),
     crop: int = typer.Option(512, "--crop", help="square crop; padded to a multiple of the patch size"),
     decoder: str = typer.Option("linear", "--decoder"),
     head: Optional[Path] = typer.Option(None, "--head", help="load a warmed-up head instead of warming up"),
@@ -58,7 +59,7 @@ def score(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes"),
-    chunk_size: int = typer.Option(8, "--chunk-size", help="images per vectorised per-image-gradient chunk"),
+    chunk_size: int = typer.Option(8, "--chunk-size", help="images per chunk of per-image gradient work (bounds memory)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (and discard a partial file)"),
     save_every: int = typer.Option(50, "--save-every", help="save the resumable state every N batches (variational: steps)"),
     resume: bool = typer.Option(False, "--resume", help="continue from <out stem>.partial.safetensors"),
@@ -84,6 +85,8 @@ def score(
                              save_every=save_every, resume=resume, stop_after=stop_after, max_bad_frac=max_bad_frac,
                              skip_bad=skip_bad)
         result = run_score(config, console)
+        if not result.main:  # torchrun: rank 0 reports
+            return
         if not result.finished:
             for note in result.notes:
                 stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -1,0 +1,191 @@
+"""Per-image parameter gradients of single layers from what one batched backward pass already has (Eq. 9).
+
+For a layer y = f(x; theta) applied to every image of a batch independently, the gradient of image i's loss
+with respect to theta needs only the layer's input x_i and the gradient g_i = d loss_i / d y_i that reaches
+its output. Each rule below takes a chunk of ``images`` images -- x and g with a batch-major leading dimension
+``images * k`` (k > 1 where a model folds windows or tokens into the batch, as SAM's window attention does) --
+and returns {parameter name: per-image gradients (images, *parameter shape)} for the layer's own parameters, in
+tensors the caller may overwrite (the engine squares them in place).
+Rules do no autograd; the engine (``fisherscan.fisher_engine``) squares and sums what they return.
+
+One small function per layer type, dispatched by exact module type (``rule_for``), in the style of BackPACK's
+first-order extensions:
+
+- Linear on token tensors: dW_i = sum_t g_it^T x_it (one batched matmul), db_i = sum_t g_it.
+- LayerNorm (and timm's channels-first LayerNorm2d): dw_i = sum_t g_it * xhat_it, db_i = sum_t g_it.
+- Conv2d (groups 1, numeric padding): unfolded to a Linear over patches; the patch embedding (stride = kernel)
+  is the common case.
+- LayerScale: dgamma_i = sum_t g_it * x_it.
+- EVA's fused attention: its q/v biases from the gradient at its qkv Linear's output (``child_rule_for``).
+
+Prefix (cls, register) and position tokens enter through a small function of the patch tokens
+(``token_gradients``). Rotary embeddings (EVA) have no parameters. A parameter no rule covers is not skipped:
+the engine computes it on an exact slower path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+def _tokens(t: torch.Tensor, images: int, channels: int) -> torch.Tensor:
+    """(images * k, ..., channels) -> (images, tokens, channels); the batch-major leading dimension is kept."""
+    return t.reshape(images, -1, channels)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per image; on CUDA, bf16/fp16 operands give an fp32 product directly (no rounding to bf16 first)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # pragma: no cover - older torch or unsupported: plain bmm
+            pass
+    return torch.bmm(a, b)
+
+
+def linear(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """y = x W^T + b on (..., in) tokens: dW_i = sum_t g_it^T x_it (batched matmul), db_i = sum_t g_it."""
+    g3 = _tokens(g, images, module.out_features)
+    out = {"weight": _bmm(g3.transpose(1, 2), _tokens(x, images, module.in_features).to(g3.dtype))}
+    if module.bias is not None:
+        out["bias"] = g3.float().sum(dim=1)
+    return out
+
+
+def _normalized(x: torch.Tensor, dims: int, eps: float) -> torch.Tensor:
+    """xhat = (x - mean) / sqrt(var + eps) over the last ``dims`` dimensions (biased variance), in fp32."""
+    x = x.float()
+    axes = tuple(range(-dims, 0))
+    var, mean = torch.var_mean(x, dim=axes, keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def layer_norm(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """y = xhat * w + b over the last dimensions: dw_i = sum_t g_it * xhat_it, db_i = sum_t g_it."""
+    shape = tuple(module.normalized_shape)
+    size = math.prod(shape)
+    g3 = _tokens(g.float(), images, size)
+    out = {}
+    if module.weight is not None:
+        xhat = _tokens(_normalized(x, len(shape), module.eps), images, size)
+        out["weight"] = (g3 * xhat).sum(dim=1).reshape(images, *shape)
+    if module.bias is not None:
+        out["bias"] = g3.sum(dim=1).reshape(images, *shape)
+    return out
+
+
+def layer_norm_2d(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """timm's LayerNorm2d: LayerNorm over the channels of NCHW maps; the LayerNorm rule channels-last."""
+    return layer_norm(module, x.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1), images)
+
+
+def conv2d(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """Conv2d as a Linear over unfolded patches: dW_i = sum_l g_il^T patch_il, db_i = sum_l g_il.
+
+    For the patch embedding (stride = kernel, no padding) the patches do not overlap and unfolding is a reshape.
+    """
+    cols = F.unfold(x.to(g.dtype), module.kernel_size, dilation=module.dilation, padding=module.padding,
+                    stride=module.stride)  # (images * k, in * kh * kw, L)
+    g3 = g.flatten(2)  # (images * k, out, L)
+    cols = cols.transpose(1, 2).reshape(images, -1, cols.shape[1])
+    g3 = g3.transpose(1, 2).reshape(images, -1, g3.shape[1])
+    out = {"weight": _bmm(g3.transpose(1, 2), cols).reshape(images, *module.weight.shape)}
+    if module.bias is not None:
+        out["bias"] = g3.float().sum(dim=1)
+    return out
+
+
+def layer_scale(module: nn.Module, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """timm's LayerScale, y = x * gamma over the last dimension: dgamma_i = sum_t g_it * x_it."""
+    channels = module.gamma.shape[-1]
+    return {"gamma": (_tokens(g.float(), images, channels) * _tokens(x.float(), images, channels)).sum(dim=1)}
+
+
+def eva_qkv_bias(module: nn.Module, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """timm's EvaAttention with a fused qkv and separate q/v biases (k has none): qkv = x W^T + (q_bias, 0,
+    v_bias). With x and g those of its ``qkv`` Linear, the biases' per-image gradients are the token sums of the
+    q and v thirds of g (W is the Linear rule's)."""
+    channels = module.q_bias.shape[0]
+    summed = _tokens(g.float(), images, 3 * channels).sum(dim=1)
+    return {"q_bias": summed[:, :channels], "v_bias": summed[:, 2 * channels:]}
+
+
+def child_rule_for(module: nn.Module) -> tuple[str, Rule, dict] | None:
+    """For a module whose own parameters act on a child's output: (child name, rule, attributes to set during
+    the engine's pass). EVA's fused attention adds its q/v biases after the qkv Linear when told to
+    (``qkv_bias_separate``), so the Linear's hooks see the product."""
+    try:
+        from timm.models.eva import EvaAttention
+    except ImportError:  # pragma: no cover
+        return None
+    if (type(module) is EvaAttention and getattr(module, "qkv", None) is not None and module.q_bias is not None
+            and hasattr(module, "qkv_bias_separate") and isinstance(module.qkv, nn.Linear)):
+        return "qkv", eva_qkv_bias, {"qkv_bias_separate": True}
+    return None
+
+
+def token_gradients(embed: Callable[[torch.Tensor], torch.Tensor], params: dict[str, torch.Tensor],
+                    x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image gradients of ``params`` (cls, register and position tokens) that enter through ``embed``, a cheap
+    function applied to each image's patch tokens x_i (such as timm's ``_pos_embed``): the vector-Jacobian
+    product of embed at x_i with the output gradient g_i, image by image. Needs autograd; ``params`` are the
+    live parameters (their requires_grad is switched on for the call)."""
+    names = list(params)
+    flags = [params[n].requires_grad for n in names]
+    out = {n: torch.zeros(x.shape[0], *params[n].shape, dtype=torch.float32, device=x.device) for n in names}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for i in range(x.shape[0]):
+                y = embed(x[i:i + 1].detach())
+                grads = torch.autograd.grad(y, [params[n] for n in names], g[i:i + 1].to(y.dtype), allow_unused=True)
+                for n, value in zip(names, grads):
+                    if value is None:
+                        out.pop(n, None)
+                    elif n in out:
+                        out[n][i] = value.float()
+    finally:
+        for p, flag in zip(params.values(), flags):
+            p.requires_grad_(flag)
+    return out
+
+
+def _conv_supported(module: nn.Conv2d) -> bool:
+    return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def _timm_types() -> dict[type, Rule]:
+    try:
+        from timm.layers import LayerNorm as TimmLayerNorm, LayerNorm2d, LayerScale
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return {}
+    types: dict[type, Rule] = {TimmLayerNorm: layer_norm, LayerNorm2d: layer_norm_2d, LayerScale: layer_scale}
+    try:
+        from timm.models.vision_transformer import LayerScale as VitLayerScale
+        types.setdefault(VitLayerScale, layer_scale)
+    except ImportError:  # pragma: no cover
+        pass
+    return types
+
+
+RULES: dict[type, Rule] = {nn.Linear: linear, nn.LayerNorm: layer_norm, nn.Conv2d: conv2d, **_timm_types()}
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for this exact module type, or None (the engine then takes the exact fallback path)."""
+    rule = RULES.get(type(module))
+    if rule is conv2d and not _conv_supported(module):
+        return None
+    if rule is layer_scale and getattr(module, "inplace", False):
+        return None  # x.mul_(gamma) overwrites the input the rule needs
+    if rule in (layer_norm, layer_norm_2d) and getattr(module, "_fast_norm", False):
+        return None  # apex/fused norms may compute in another precision; leave them to the fallback
+    return rule
