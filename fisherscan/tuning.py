@@ -3,8 +3,8 @@
 1. Rebuild the backbone the scores were computed on, load the head ``score`` saved (or warm one up).
 2. Order the candidate elements by the strategy (``fisherscan.select``); at step t the first
    floor(f(t) * total) of them are selected (Eq. 16 as decided), a set that only grows.
-3. Train the selected elements and the decoder with the segmentation loss (Eq. 1, mean pixel cross-entropy),
-   AdamW with poly decay; every other backbone element keeps its pretrained bits (``fisherscan.optim``).
+3. Train the selected elements and the decoder with the decoder's training loss (Eq. 1, mean pixel
+   cross-entropy; Mask2Former's matched set loss), AdamW with poly decay; every other backbone element keeps its pretrained bits (``fisherscan.optim``).
 4. Save the run: ``model.safetensors`` (head + changed backbone parameters + their masks), ``manifest.json``
    (every option, the base weights and their sha256), ``log.csv`` (loss, lr, selected fraction per step), and a
    resumable ``checkpoint.safetensors`` every ``save_every`` steps.
@@ -20,19 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, distributed
-from .data import IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
+from .data import NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
 from .errors import FisherscanError
 from .evaluate import evaluate_datasets, prepare_datasets, save_results
-from .fisher import upsample_logits
 from .groups import CANDIDATE_GROUPS, GROUPS
 from .models import build_backbone, sha256_of
 from .optim import MaskedAdamW, poly_lr
+from .rng import keyed_seed
 from .scores import atomic_target, load_scores
 from .scoring import progress_bar, resolve_device, warm_up_decoder
 from .segmenter import Segmenter, load_head
@@ -65,6 +64,7 @@ class TuneConfig:
     weight_decay: float = 0.05
     power: float = 0.9
     decoder: str = "linear"
+    feature_blocks: tuple[int, ...] | None = None
     head: Path | None = None
     warmup_steps: int = 200
     full_checkpoint: bool = False
@@ -154,7 +154,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     pairs = select_images(pairs, config.images, config.seed)
     validate_pairs(pairs)
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init)
-    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
+    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder, config.feature_blocks).to(device).eval()
     check_scores_match(scores, score_meta, segmenter.backbone, config.scores)
     targets = prepare_datasets(list(config.eval), config.eval_layout, config.eval_split) if config.eval else []
     out = Path(config.out)
@@ -247,9 +247,10 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
         step, micro, running = start_step, 0, 0.0
         for x, y, _ in loader:
             x, y = x.to(device), y.to(device)
+            # the global RNG (the matched loss's random points) keyed on the step: a resumed run draws the same
+            torch.manual_seed(keyed_seed(config.seed, step, "points", ranks.rank * config.accumulate + micro))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = forward(x)
-            loss = F.cross_entropy(upsample_logits(logits.float(), tuple(y.shape[-2:])), y, ignore_index=IGNORE_INDEX)
+                loss = forward(x, y)  # the decoder's training loss (Segmenter.loss), fp32
             (loss / config.accumulate).backward()
             running += loss.item() / config.accumulate
             micro += 1
@@ -393,7 +394,8 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     with torch.random.fork_rng(devices=[]):  # an untrained base is rebuilt from the run's seed
         torch.manual_seed(manifest["options"]["seed"])
         backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False))
-    segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"])
+    segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"],
+                          manifest["options"].get("feature_blocks"))
     tensors = load_file(str(model_path))
     own = dict(segmenter.backbone.named_parameters())
     with torch.no_grad():

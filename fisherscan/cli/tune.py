@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..groups import CANDIDATE_GROUPS
-from . import app, console, parse_fraction, print_paths, stdout, user_errors
+from . import app, console, parse_blocks, parse_fraction, print_paths, stdout, user_errors
 
 
 @app.command()
@@ -35,7 +35,8 @@ def tune(
     schedule_t: Optional[float] = typer.Option(None, "--schedule-T", help="Eq. 16 time constant (default steps/3)"),
     lr: float = typer.Option(1e-4, "--lr"),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    decoder: str = typer.Option("linear", "--decoder"),
+    decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
+    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks", help="4 block indices for the decoder"),
     head: Optional[Path] = typer.Option(None, "--head", help="head to start from (default: the one beside the scores)"),
     warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up when no head is found"),
     full_checkpoint: bool = typer.Option(False, "--full-checkpoint", help="save the whole backbone"),
@@ -62,7 +63,8 @@ def tune(
             split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
             strategy=strategy, score_kind=score_kind, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
             delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
-            schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder, head=head,
+            schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder,
+            feature_blocks=parse_blocks(feature_blocks), head=head,
             warmup_steps=warmup_steps, full_checkpoint=full_checkpoint, resume=resume, save_every=save_every,
             stop_after=stop_after, eval=tuple(eval or ()), eval_every=eval_every, eval_layout=eval_layout,
             eval_split=eval_split, eval_crop=eval_crop, eval_stride=eval_stride, seed=seed, device=device,
