@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, distributed
+from .augment import AUGMENTATIONS
 from .data import NUM_CLASSES, EpochSampler, SegmentationDataset, find_pairs, select_images, validate_pairs
 from .errors import FisherscanError
 from .evaluate import evaluate_datasets, prepare_datasets, save_results
@@ -54,6 +55,8 @@ class TuneConfig:
     batch_size: int = 8
     accumulate: int = 1
     crop: int = 512
+    augment: str = "crop"
+    recipe: str | None = None
     strategy: str = "scores"
     score_kind: str = "drfim"
     candidates: tuple[str, ...] = CANDIDATE_GROUPS
@@ -104,6 +107,8 @@ def as_json(value):
 
 
 def check_config(config: TuneConfig) -> None:
+    if config.augment not in AUGMENTATIONS:
+        raise FisherscanError(f"--augment {config.augment}: use one of {', '.join(AUGMENTATIONS)}")
     if config.strategy not in STRATEGIES:
         raise FisherscanError(f"--strategy {config.strategy}: use one of {', '.join(STRATEGIES)}")
     unknown = [g for g in config.candidates if g not in GROUPS]
@@ -162,6 +167,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
 
     mean, std = backbone.model.pretrained_cfg.get("mean"), backbone.model.pretrained_cfg.get("std")
     dataset = SegmentationDataset(pairs, config.crop, pad_multiple=backbone.patch_size, seed=config.seed,
+                                  augmentation=AUGMENTATIONS[config.augment],
                                   **({"mean": mean, "std": std} if mean and std else {}))
     autocast = device.type == "cuda"
 

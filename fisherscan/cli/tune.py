@@ -13,6 +13,7 @@ from . import app, console, parse_blocks, parse_fraction, print_paths, stdout, u
 
 @app.command()
 def tune(
+    ctx: typer.Context,
     scores: Path = typer.Option(..., "--scores", help="scores file from 'fisherscan score'"),
     model: str = typer.Option(..., "--model", help="the model the scores were computed on"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
@@ -26,6 +27,10 @@ def tune(
     batch_size: int = typer.Option(8, "--batch-size"),
     accumulate: int = typer.Option(1, "--accumulate", help="gradient accumulation: batches per step"),
     crop: int = typer.Option(512, "--crop"),
+    augment: str = typer.Option("crop", "--augment", help="crop (random crop + flip) or rein (resize 0.5-2.0, "
+                                "class-balanced crop, flip, photometric distortion)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="preset of a published protocol: rein-512 "
+                                         "(options given explicitly override it)"),
     strategy: str = typer.Option("scores", "--strategy",
                                  help="scores (by --score-kind), fim, delta, drfim, random, random-q/k/v, full, freeze"),
     score_kind: str = typer.Option("drfim", "--score-kind", help="score kind that ranks elements"),
@@ -55,12 +60,14 @@ def tune(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
+    from ..recipes import apply_recipe
     from ..tuning import TuneConfig, run_tune, trainable_summary
 
     with user_errors():
         config = TuneConfig(
             scores=scores, model=model, data=data, out=out, weights=weights, random_init=random_init, layout=layout,
             split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
+            augment=augment, recipe=recipe,
             strategy=strategy, score_kind=score_kind, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
             delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
             schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder,
@@ -69,6 +76,9 @@ def tune(
             stop_after=stop_after, eval=tuple(eval or ()), eval_every=eval_every, eval_layout=eval_layout,
             eval_split=eval_split, eval_crop=eval_crop, eval_stride=eval_stride, seed=seed, device=device,
             workers=workers, overwrite=overwrite)
+        explicit = {name for name in ctx.params  # (by name: typer may carry its own copy of click)
+                    if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+        config = apply_recipe(config, explicit)
         result = run_tune(config, console)
         if not result.finished:
             stdout.print(f"stopped after step {len(result.log)} as asked; continue with --resume", markup=False)
