@@ -86,7 +86,9 @@ def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uni
         uniforms = torch.zeros(y.shape)
     if shift_eps is None:
         shift_eps = (torch.zeros(batch, 1), torch.zeros(batch, 1))
-    per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0))
+    # randomness allowed: an eval-mode model may still draw (transformers < 5.x Mask2Former draws its layer-drop
+    # coin even in eval mode, without using it)
+    per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0), randomness="different")
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     inputs = (x, y, uniforms, *shift_eps)
     with warnings.catch_warnings(), (shift if shift is not None else contextlib.nullcontext()):

