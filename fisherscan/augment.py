@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 
+from .data import IGNORE_INDEX
 from .rng import keyed_seed
-
-IGNORE_INDEX = 255
 
 
 def random_resize(image: np.ndarray, label: np.ndarray, scale: tuple[int, int] | None,

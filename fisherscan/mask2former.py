@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import IGNORE_INDEX
 from .errors import FisherscanError
+from .segmenter import evenly_spaced_blocks
 
 REIN_BLOCKS = {24: [7, 11, 15, 23]}  # Rein's out_indices for ViT-L (DINOv2-L, EVA02-L, CLIP-L)
 SCALES = (4.0, 2.0, 1.0, 0.5)  # the neck: patch grid -> strides 4, 8, 16, 32 (patch 16)
-IGNORE_INDEX = 255
 
 # options a ``mask2former?key=value&...`` decoder spec may set (Mask2FormerConfig fields); hidden_dim also sets
 # feature_size and mask_feature_size so they stay equal
@@ -56,9 +57,7 @@ def require_transformers():
 
 def feature_blocks(depth: int) -> list[int]:
     """The blocks the neck reads: Rein's [7, 11, 15, 23] at depth 24, else the ends of 4 equal stages."""
-    if depth in REIN_BLOCKS:
-        return list(REIN_BLOCKS[depth])
-    return [depth * (i + 1) // 4 - 1 for i in range(4)]
+    return list(REIN_BLOCKS.get(depth) or evenly_spaced_blocks(depth))
 
 
 @dataclass

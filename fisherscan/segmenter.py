@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data import IGNORE_INDEX
 from .errors import FisherscanError
 from .fisher import upsample_logits
 from .models import query_kwargs
 
 DECODERS = ("linear", "multilevel", "mask2former")
-IGNORE_INDEX = 255
 
 
 def decoder_spec(spec: str) -> tuple[str, dict]:
