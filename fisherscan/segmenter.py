@@ -196,5 +196,10 @@ def load_head(path: Path, segmenter: Segmenter) -> dict:
             f"--head {path} does not fit this model's {segmenter.decoder_name} decoder "
             f"(saved for {info.get('model', 'another model')}); score again without --head"
         )
+    blocks = getattr(segmenter.decoder, "blocks", None)
+    if info.get("feature_blocks") is not None and blocks is not None and list(info["feature_blocks"]) != list(blocks):
+        saved = ",".join(map(str, info["feature_blocks"]))
+        raise FisherscanError(f"--head {path} was trained on blocks {saved}, this model reads "
+                              f"{','.join(map(str, blocks))}; pass --feature-blocks {saved} or score again")
     segmenter.decoder.load_state_dict(tensors)
     return info

@@ -163,6 +163,8 @@ def test_head_round_trip(tmp_path):
         assert torch.equal(a(x), b(x))
     with pytest.raises(FisherscanError, match="does not fit"):
         load_head(tmp_path / "head.safetensors", Segmenter(vit(16), 5, "linear"))
+    with pytest.raises(FisherscanError, match="--feature-blocks 0,1,2,3"):  # same shapes, other blocks
+        load_head(tmp_path / "head.safetensors", Segmenter(vit(16), 5, TINY, feature_blocks=[0, 0, 1, 3]))
 
 
 @pytest.fixture(scope="module")
