@@ -434,7 +434,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ``keyed_generator(seed, index, "crop")`` (so independent of workers and batch size), or the top-left
     window without flip when ``augment`` is False. A side smaller than ``crop`` is padded first (image with
     the mean colour, i.e. 0 after normalisation; label with 255). The window is normalised with
-    (x / 255 - mean) / std and then padded bottom/right to S with 0 (image) and 255 (label).
+    (x / 255 - mean) / std and then padded bottom/right to S with 0 (image) and 255 (label). With an
+    ``augmentation`` (``fisherscan.augment.Augmentation``) it replaces the window and flip: resize, class-balanced
+    crop, flip and photometric distortion, drawn from ``augment_rng(seed, index, visit)``.
     """
 
     def __init__(
@@ -447,6 +449,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         std: Sequence[float] = IMAGENET_STD,
         seed: int = 0,
         augment: bool = True,
+        augmentation: Callable | None = None,
     ):
         if crop < 1:
             raise FisherscanError(f"crop size {crop} is invalid; pass a crop of at least 1 pixel")
@@ -457,6 +460,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.std = np.asarray(std, dtype=np.float32)
         self.seed = int(seed)
         self.augment = augment
+        self.augmentation = augmentation if augment else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -475,7 +479,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Item ``i``, or ``(i, visit)``: the visit-th time image i is drawn (training epochs crop afresh)."""
         i, visit = item if isinstance(item, tuple) else (item, 0)
         image, label = load_pair(self.pairs[i])
-        top, left, flip = self._window(i, *label.shape, visit=visit)
+        if self.augmentation is not None:
+            from .augment import augment_rng
+
+            image, label = self.augmentation(image, label, self.crop, augment_rng(self.seed, i, visit))
+            top, left, flip = 0, 0, False
+        else:
+            top, left, flip = self._window(i, *label.shape, visit=visit)
         image = image[top : top + self.crop, left : left + self.crop]
         label = label[top : top + self.crop, left : left + self.crop]
         h, w = label.shape

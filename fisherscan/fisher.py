@@ -112,7 +112,9 @@ def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor],
         uniforms = torch.zeros(y.shape)
     if shift_eps is None:
         shift_eps = (torch.zeros(batch, 1), torch.zeros(batch, 1))
-    per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0))
+    # randomness allowed: an eval-mode model may still draw (transformers < 5.x Mask2Former draws its layer-drop
+    # coin even in eval mode, without using it)
+    per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0), randomness="different")
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     inputs = (x, y, uniforms, *shift_eps)
     # no_grad outside: torch.func.grad still differentiates inside, but parameters outside ``params`` that

@@ -190,13 +190,18 @@ def family_of(spec: str) -> str:
 def timm_kwargs_of(spec: str) -> dict:
     """Extra ``timm.create_model`` arguments of a ``<name>?key=value&...`` spec (values read as Python
     literals where they parse, e.g. ``timm:vit_small_patch14_dinov2?init_values=1.0``, ``sam_vitb16?depth=2``)."""
+    if "?" not in spec:
+        return {}
+    return query_kwargs(spec.split("?", 1)[1])
+
+
+def query_kwargs(query: str) -> dict:
+    """``key=value&...`` as a dict, values read as Python literals where they parse (else kept as text)."""
     import ast
     from urllib.parse import parse_qsl
 
-    if "?" not in spec:
-        return {}
     kwargs = {}
-    for key, text in parse_qsl(spec.split("?", 1)[1], keep_blank_values=True, strict_parsing=False):
+    for key, text in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         try:
             kwargs[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):

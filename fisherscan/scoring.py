@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -40,13 +39,13 @@ from .data import (NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, check_pairs, 
                    select_images, skipped_note)
 from .errors import FisherscanError
 from .fisher import (LABEL_MODES, FisherAccumulator, dr_fim_terms, shift_weight,
-                     squared_gradient_sum, trainable_parameters, upsample_logits)
+                     squared_gradient_sum, trainable_parameters)
 from .groups import candidate_names, parameter_groups
 from .models import build_backbone
 from .perturb import TokenShift, block_input, channel_statistics, draw_eps, shift_statistics, statistic_spread
 from .rng import keyed_generator
 from .scores import atomic_target, save_scores
-from .segmenter import Segmenter, head_path_for, load_head, save_head
+from .segmenter import Segmenter, float_features, head_path_for, load_head, save_head
 from .faults import injected_delay
 from .variational import VariationalResult, fit_precision, precision_to_fisher, segmentation_losses
 
@@ -69,6 +68,7 @@ class ScoreConfig:
     batch_size: int = 8
     crop: int = 512
     decoder: str = "linear"
+    feature_blocks: tuple[int, ...] | None = None
     head: Path | None = None
     warmup_steps: int = 200
     warmup_lr: float = 1e-3
@@ -196,7 +196,8 @@ def progress_bar(console: Console | None) -> Progress:
 
 def warm_up_decoder(segmenter: Segmenter, loader, steps: int, lr: float, device: torch.device,
                     autocast: bool, progress: Progress, reuse_limit: int = 256) -> float:
-    """Algorithm 1 step 1: train the decoder with the backbone frozen (mean pixel cross-entropy, Eq. 1).
+    """Algorithm 1 step 1: train the decoder with the backbone frozen (its training loss: mean pixel
+    cross-entropy, Eq. 1, or Mask2Former's matched set loss).
 
     The crops are the same on every pass and the backbone is frozen, so when the warm-up passes over a small
     data set (at most ``reuse_limit`` images) more than once, the backbone features of the first pass are kept.
@@ -218,8 +219,7 @@ def warm_up_decoder(segmenter: Segmenter, loader, steps: int, lr: float, device:
                 features = segmenter.features(x)
             if reuse:
                 kept.append((features, y))
-        logits = upsample_logits(segmenter.decode(features), tuple(y.shape[-2:]))
-        loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+        loss = segmenter.loss(float_features(features), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -352,8 +352,9 @@ def partial_path_for(scores_path: Path) -> Path:
 
 
 def config_options(config: ScoreConfig) -> dict:
-    """Every option as a JSON value (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    """Every option as a JSON value (paths as strings, tuples as lists)."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(config).items()}
 
 
 def write_partial(path: Path, tensors: dict[str, torch.Tensor], info: dict, segmenter: Segmenter,
@@ -625,7 +626,7 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
 
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
                               strict=config.strict)
-    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
+    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder, config.feature_blocks).to(device).eval()
     depth = len(segmenter.backbone.blocks)
     if not 0 <= config.perturb_at < depth:
         raise FisherscanError(f"--perturb-at {config.perturb_at}: the model has blocks 0..{depth - 1}")

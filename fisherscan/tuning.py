@@ -3,8 +3,8 @@
 1. Rebuild the backbone the scores were computed on, load the head ``score`` saved (or warm one up).
 2. Order the candidate elements by the strategy (``fisherscan.select``); at step t the first
    floor(f(t) * total) of them are selected (Eq. 16 as decided), a set that only grows.
-3. Train the selected elements and the decoder with the segmentation loss (Eq. 1, mean pixel cross-entropy),
-   AdamW with poly decay; every other backbone element keeps its pretrained bits (``fisherscan.optim``).
+3. Train the selected elements and the decoder with the decoder's training loss (Eq. 1, mean pixel
+   cross-entropy; Mask2Former's matched set loss), AdamW with poly decay; every other backbone element keeps its pretrained bits (``fisherscan.optim``).
 4. Save the run: ``model.safetensors`` (head + changed backbone parameters + their masks), ``manifest.json``
    (every option, the base weights and their sha256), ``log.csv`` (loss, lr, selected fraction per step), and a
    resumable ``checkpoint.safetensors`` every ``save_every`` steps; a rerun of the same command continues from it
@@ -25,21 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, distributed
-from .data import (IGNORE_INDEX, NUM_CLASSES, EpochSampler, SegmentationDataset, check_pairs, find_pairs, select_images,
-                   skipped_note)
+from .augment import AUGMENTATIONS
+from .data import NUM_CLASSES, EpochSampler, SegmentationDataset, check_pairs, find_pairs, select_images, skipped_note
 from .errors import FisherscanError
 from .evaluate import evaluate_datasets, prepare_datasets, save_results
 from .faults import injected_delay
-from .fisher import upsample_logits
 from .groups import CANDIDATE_GROUPS, GROUPS
 from .models import build_backbone, sha256_of
 from .optim import MaskedAdamW, poly_lr
+from .rng import keyed_seed
 from .scores import atomic_target, load_scores
 from .scoring import progress_bar, resolve_device, warm_up_decoder
 from .segmenter import Segmenter, load_head
@@ -63,6 +62,8 @@ class TuneConfig:
     batch_size: int = 8
     accumulate: int = 1
     crop: int = 512
+    augment: str = "crop"
+    recipe: str | None = None
     strategy: str = "scores"
     score_kind: str = "drfim"
     candidates: tuple[str, ...] = CANDIDATE_GROUPS
@@ -73,6 +74,7 @@ class TuneConfig:
     weight_decay: float = 0.05
     power: float = 0.9
     decoder: str = "linear"
+    feature_blocks: tuple[int, ...] | None = None
     head: Path | None = None
     warmup_steps: int = 200
     full_checkpoint: bool = False
@@ -119,6 +121,8 @@ def as_json(value):
 
 
 def check_config(config: TuneConfig) -> None:
+    if config.augment not in AUGMENTATIONS:
+        raise FisherscanError(f"--augment {config.augment}: use one of {', '.join(AUGMENTATIONS)}")
     if config.strategy not in STRATEGIES:
         raise FisherscanError(f"--strategy {config.strategy}: use one of {', '.join(STRATEGIES)}")
     unknown = [g for g in config.candidates if g not in GROUPS]
@@ -199,7 +203,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     notes = [skipped_note(skipped, len(pairs) + len(skipped))] if skipped else []
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
                               strict=config.strict)
-    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder).to(device).eval()
+    segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder, config.feature_blocks).to(device).eval()
     check_scores_match(scores, score_meta, segmenter.backbone, config.scores)
     targets = (prepare_datasets(list(config.eval), config.eval_layout, config.eval_split, skip_bad=config.skip_bad)
                if config.eval else [])
@@ -213,6 +217,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
 
     mean, std = backbone.model.pretrained_cfg.get("mean"), backbone.model.pretrained_cfg.get("std")
     dataset = SegmentationDataset(pairs, config.crop, pad_multiple=backbone.patch_size, seed=config.seed,
+                                  augmentation=AUGMENTATIONS[config.augment],
                                   **({"mean": mean, "std": std} if mean and std else {}))
     autocast = device.type == "cuda"
 
@@ -307,9 +312,10 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
         step, micro, running = start_step, 0, 0.0
         for x, y, _ in loader:
             x, y = x.to(device), y.to(device)
+            # the global RNG (the matched loss's random points) keyed on the step: a resumed run draws the same
+            torch.manual_seed(keyed_seed(config.seed, step, "points", ranks.rank * config.accumulate + micro))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = forward(x)
-            loss = F.cross_entropy(upsample_logits(logits.float(), tuple(y.shape[-2:])), y, ignore_index=IGNORE_INDEX)
+                loss = forward(x, y)  # the decoder's training loss (Segmenter.loss), fp32
             (loss / config.accumulate).backward()  # on every rank, also when not finite: DDP must all-reduce
             running += loss.item() / config.accumulate
             micro += 1
@@ -485,7 +491,8 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
         torch.manual_seed(manifest["options"]["seed"])
         backbone = build_backbone(manifest["model"], weights=base, random_init=manifest.get("random_init", False),
                                   strict=manifest["options"].get("strict", True))
-    segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"])
+    segmenter = Segmenter(backbone.model, manifest["num_classes"], manifest["decoder"],
+                          manifest["options"].get("feature_blocks"))
     tensors = load_file(str(model_path))
     own = dict(segmenter.backbone.named_parameters())
     with torch.no_grad():

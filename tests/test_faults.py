@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import fisherscan
+import fisherscan.segmenter
 import fisherscan.tuning
 from fisherscan.cli import app
 from fisherscan.faults import DELAY_VARIABLE
@@ -349,16 +350,19 @@ def test_tune_and_eval_skip_bad(tmp_path, damaged, scores_file):
 
 @pytest.fixture
 def nan_on_second_step(monkeypatch):
-    """The logits of the second training forward pass (step 2) are NaN: NaN loss and gradients."""
-    original = fisherscan.tuning.upsample_logits
+    """The loss of the second training forward pass (step 2; the head's warm-up calls ``Segmenter.loss`` directly)
+    is NaN: NaN loss and gradients."""
+    original = fisherscan.segmenter.Segmenter.forward
     calls = {"n": 0}
 
-    def patched(logits, size):
+    def patched(self, x, labels=None):
+        out = original(self, x, labels)
+        if labels is None:
+            return out
         calls["n"] += 1
-        out = original(logits, size)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(fisherscan.tuning, "upsample_logits", patched)
+    monkeypatch.setattr(fisherscan.segmenter.Segmenter, "forward", patched)
     return calls
 
 

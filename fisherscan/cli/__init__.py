@@ -46,6 +46,16 @@ def parse_fraction(text: str, option: str, allow_zero: bool = True) -> float:
     return value
 
 
+def parse_blocks(text: str | None) -> tuple[int, ...] | None:
+    """'7,11,15,23' -> (7, 11, 15, 23) for --feature-blocks; None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise FisherscanError(f"--feature-blocks {text}: pass 4 block indices like 7,11,15,23") from None
+
+
 def print_paths(*labelled: tuple[str, Path]) -> None:
     """``label: path`` lines on stdout, verbatim: no markup, no highlighting, never wrapped (scripts parse them)."""
     width = max(len(label) for label, _ in labelled) + 1

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from . import app, console, print_paths, stdout, user_errors
+from . import app, console, parse_blocks, print_paths, stdout, user_errors
 
 
 def report_scores(result, out: Path) -> None:
@@ -41,7 +41,10 @@ def score(
     batch_size: int = typer.Option(8, "--batch-size", help="images per batch (Eq. 6's batch spread); under "
                                                           "torchrun the global batch, split across the ranks"),
     crop: int = typer.Option(512, "--crop", help="square crop; padded to a multiple of the patch size"),
-    decoder: str = typer.Option("linear", "--decoder"),
+    decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
+    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks",
+                                                 help="multilevel/mask2former: 4 block indices (default: Rein's "
+                                                      "7,11,15,23 at depth 24, else evenly spaced)"),
     head: Optional[Path] = typer.Option(None, "--head", help="load a warmed-up head instead of warming up"),
     warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up steps (Algorithm 1, step 1)"),
     warmup_lr: float = typer.Option(1e-3, "--warmup-lr"),
@@ -76,7 +79,8 @@ def score(
 
     with user_errors():
         config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict, layout=layout,
-                             split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder, head=head,
+                             split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder,
+                             feature_blocks=parse_blocks(feature_blocks), head=head,
                              warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, estimator=estimator,
                              gamma=gamma, tau=tau, var_steps=var_steps, var_lr=var_lr, var_scale=var_scale,
                              perturb_at=perturb_at,

@@ -9,11 +9,12 @@ import typer
 from rich.markup import escape
 
 from ..groups import CANDIDATE_GROUPS
-from . import app, console, parse_fraction, print_paths, stdout, user_errors
+from . import app, console, parse_blocks, parse_fraction, print_paths, stdout, user_errors
 
 
 @app.command()
 def tune(
+    ctx: typer.Context,
     scores: Path = typer.Option(..., "--scores", help="scores file from 'fisherscan score'"),
     model: str = typer.Option(..., "--model", help="the model the scores were computed on"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
@@ -29,6 +30,10 @@ def tune(
     batch_size: int = typer.Option(8, "--batch-size"),
     accumulate: int = typer.Option(1, "--accumulate", help="gradient accumulation: batches per step"),
     crop: int = typer.Option(512, "--crop"),
+    augment: str = typer.Option("crop", "--augment", help="crop (random crop + flip) or rein (resize 0.5-2.0, "
+                                "class-balanced crop, flip, photometric distortion)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="preset of a published protocol: rein-512 "
+                                         "(options given explicitly override it)"),
     strategy: str = typer.Option("scores", "--strategy",
                                  help="scores (by --score-kind), fim, delta, drfim, random, random-q/k/v, full, freeze"),
     score_kind: str = typer.Option("drfim", "--score-kind", help="score kind that ranks elements"),
@@ -38,7 +43,8 @@ def tune(
     schedule_t: Optional[float] = typer.Option(None, "--schedule-T", help="Eq. 16 time constant (default steps/3)"),
     lr: float = typer.Option(1e-4, "--lr"),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    decoder: str = typer.Option("linear", "--decoder"),
+    decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
+    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks", help="4 block indices for the decoder"),
     head: Optional[Path] = typer.Option(None, "--head", help="head to start from (default: the one beside the scores)"),
     warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up when no head is found"),
     full_checkpoint: bool = typer.Option(False, "--full-checkpoint", help="save the whole backbone"),
@@ -62,19 +68,25 @@ def tune(
                                                             "before the run, listed in the manifest) instead of stopping"),
 ) -> None:
     """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
+    from ..recipes import apply_recipe
     from ..tuning import TuneConfig, run_tune, trainable_summary
 
     with user_errors():
         config = TuneConfig(
             scores=scores, model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict,
             layout=layout, split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
+            augment=augment, recipe=recipe,
             strategy=strategy, score_kind=score_kind, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
             delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
-            schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder, head=head,
+            schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder,
+            feature_blocks=parse_blocks(feature_blocks), head=head,
             warmup_steps=warmup_steps, full_checkpoint=full_checkpoint, resume=resume, save_every=save_every,
             stop_after=stop_after, eval=tuple(eval or ()), eval_every=eval_every, eval_layout=eval_layout,
             eval_split=eval_split, eval_crop=eval_crop, eval_stride=eval_stride, seed=seed, device=device,
             workers=workers, overwrite=overwrite, max_bad_frac=max_bad_frac, skip_bad=skip_bad)
+        explicit = {name for name in ctx.params  # (by name: typer may carry its own copy of click)
+                    if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+        config = apply_recipe(config, explicit)
         result = run_tune(config, console)
         for note in result.notes:
             stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
