@@ -57,3 +57,4 @@ from . import score  # noqa: E402,F401  (registers its commands on app)
 from . import plot  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401  (eval, predict)
 from . import tune  # noqa: E402,F401
+from . import bench  # noqa: E402,F401
