@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 from safetensors import safe_open
@@ -481,15 +482,16 @@ def results_table(result: BenchResult) -> Table:
     """Strategy x domain mIoU (%), mean +- std over seeds, and the unseen domains' mean."""
     seeds = len(result.config.seeds)
     table = Table(title=f"mIoU (%) on held-out scenes, tuned on '{SEEN}' only: mean±std over {seeds} seed"
-                        f"{'s' if seeds > 1 else ''}" + (" (--quick)" if result.config.quick else ""))
+                        f"{'s' if seeds > 1 else ''}" + (" (--quick)" if result.config.quick else ""),
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
     table.caption = f"unseen: the mean over {', '.join(UNSEEN)}; tuned: backbone elements updated at the end"
-    table.add_column("strategy")
+    table.add_column("strategy", no_wrap=True, min_width=max(len(s) for s in result.summary))
     table.add_column("tuned", justify="right")
     for column in (*DOMAINS, "unseen"):
         table.add_column(column, justify="right")
     for strategy, entry in result.summary.items():
         cells = [f"{entry[c]['mean']:.1f}±{entry[c]['std']:.1f}" for c in (*DOMAINS, "unseen")]
-        table.add_row(escape(strategy), f"{100 * entry.get('tuned_fraction', float('nan')):.1f}%", *cells)
+        table.add_row(escape(strategy), f"{100 * entry.get('tuned_fraction', float('nan')):.0f}%", *cells)
     return table
 
 
