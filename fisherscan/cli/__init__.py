@@ -68,3 +68,4 @@ from . import plot  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401  (eval, predict)
 from . import tune  # noqa: E402,F401
 from . import models  # noqa: E402,F401
+from . import bench  # noqa: E402,F401
