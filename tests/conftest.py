@@ -64,3 +64,40 @@ def oracle_group(name: str, rows: np.ndarray, D: int = 4) -> np.ndarray:
     else:
         group = "other"
     return np.full(len(rows), group)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI results and score files shared by the command tests (``from conftest import ok, ...``)
+
+
+def ok(result):
+    """A CliRunner result that exited 0 (else everything it printed and raised)."""
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n" \
+                                  f"exception: {result.exception!r}"
+    return result
+
+
+def one_error_line(result, *needles: str) -> str:
+    """Exit code 2, no traceback, one 'error:' line (the last on stderr) naming every needle."""
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def write_random_scores(path, model: str, images: int, seed: int = 123):
+    """A scores file of uniform random values with ``model``'s names and shapes (tune needs no real scores)."""
+    from fisherscan.models import build_backbone
+    from fisherscan.scores import save_scores
+
+    torch.manual_seed(seed)
+    backbone = build_backbone(model, random_init=True).model
+    g = torch.Generator().manual_seed(0)
+    kinds = {kind: {n: torch.rand(p.shape, generator=g) for n, p in backbone.named_parameters()}
+             for kind in ("fim", "fim_shift", "delta", "drfim")}
+    save_scores(path, kinds, {"model": model, "images": images, "head": None})
+    return path

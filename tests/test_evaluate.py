@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import tiny_segmenter
+from conftest import ok, tiny_segmenter
 from fisherscan.cli import app
 from fisherscan.errors import FisherscanError
 from fisherscan.evaluate import (CITYSCAPES_PALETTE, evaluate_datasets, infer_logits, normalisation, parse_resize,
@@ -273,12 +273,6 @@ def run_dir(tmp_path_factory, domains) -> Path:
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n" \
-                                  f"exception: {result.exception!r}"
-    return result
 
 
 def oracle_dataset(segmenter, folder: Path) -> np.ndarray:

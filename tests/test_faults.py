@@ -39,6 +39,8 @@ from fisherscan.faults import DELAY_VARIABLE
 from fisherscan.models import build_backbone
 from fisherscan.scores import load_scores, save_scores
 from fisherscan.synthetic import write_dataset
+from conftest import ok, one_error_line, write_random_scores
+
 
 MODEL = "timm:vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2"
 IMAGES = 8
@@ -54,23 +56,6 @@ def invoke(*args, cwd: Path | None = None):
         if cwd is not None:
             patch.chdir(cwd)
         return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}\n{result.exception!r}"
-    return result
-
-
-def one_error_line(result, *needles: str) -> str:
-    """Exit code 2, no traceback, one 'error:' line (the last on stderr) naming every needle."""
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    for needle in needles:
-        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def kill_when_written(args: list, cwd: Path, watched: Path, delay: float = 0.4, timeout: float = 300) -> None:
@@ -112,14 +97,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scores_file(tmp_path_factory) -> Path:
     """Random scores with the model's names and shapes (tune needs no real ones)."""
-    torch.manual_seed(0)
-    backbone = build_backbone(MODEL, random_init=True).model
-    g = torch.Generator().manual_seed(0)
-    kinds = {kind: {n: torch.rand(p.shape, generator=g) for n, p in backbone.named_parameters()}
-             for kind in ("fim", "fim_shift", "delta", "drfim")}
-    path = tmp_path_factory.mktemp("scores") / "scores.safetensors"
-    save_scores(path, kinds, {"model": MODEL, "images": IMAGES, "head": None})
-    return path
+    return write_random_scores(tmp_path_factory.mktemp("scores") / "scores.safetensors", MODEL, IMAGES, seed=0)
 
 
 def tune_args(scores_file: Path, data: Path, *extra) -> list:

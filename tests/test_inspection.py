@@ -27,13 +27,12 @@ from fisherscan.inspection import average_ranks, compare_scores, inspect_scores,
 from fisherscan.report import top_cell_counts, top_counts, top_mask
 from fisherscan.scores import load_scores, save_scores
 
-from conftest import oracle_group, vit_shapes
+from conftest import ok, oracle_group, vit_shapes
 
 D = 4
 CANDIDATES = ("Q", "K", "V", "FFN")
 KINDS = ("fim", "fim_shift", "delta", "drfim")
 runner = CliRunner()
-
 
 
 def make_scores(depth: int = 6, seed: int = 0, ties: bool = False) -> dict[str, dict[str, torch.Tensor]]:
@@ -74,11 +73,6 @@ def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"{result.exception!r}\n{result.stderr}"
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------------

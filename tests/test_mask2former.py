@@ -22,10 +22,12 @@ from fisherscan.fisher import squared_gradient_sum  # noqa: E402
 from fisherscan.mask2former import (ViTNeck, feature_blocks, semantic_log_probs, semantic_scores,  # noqa: E402
                                     semantic_targets)
 from fisherscan.models import build_backbone  # noqa: E402
-from fisherscan.scores import load_scores, save_scores  # noqa: E402
+from fisherscan.scores import load_scores  # noqa: E402
 from fisherscan.segmenter import Segmenter, load_head, save_head  # noqa: E402
 from fisherscan.synthetic import write_dataset  # noqa: E402
 from fisherscan.tuning import TuneConfig, load_run, run_tune  # noqa: E402
+from conftest import write_random_scores
+
 
 TINY = "mask2former?num_queries=4&train_num_points=64&encoder_layers=1&decoder_layers=2&hidden_dim=64"
 MODEL = "timm:vit_tiny_patch16_224?depth=4&embed_dim=64&num_heads=2"
@@ -174,14 +176,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scores_file(tmp_path_factory):
-    torch.manual_seed(123)
-    backbone = build_backbone(MODEL, random_init=True).model
-    g = torch.Generator().manual_seed(0)
-    by_kind = {kind: {n: torch.rand(p.shape, generator=g) for n, p in backbone.named_parameters()}
-               for kind in ("fim", "fim_shift", "delta", "drfim")}
-    path = tmp_path_factory.mktemp("scores") / "scores.safetensors"
-    save_scores(path, by_kind, {"model": MODEL, "images": 3, "head": None})
-    return path
+    return write_random_scores(tmp_path_factory.mktemp("scores") / "scores.safetensors", MODEL, 3, seed=123)
 
 
 def tune_config(scores_file, source, out, **overrides) -> TuneConfig:

@@ -19,6 +19,8 @@ import fisherscan.scoring
 from fisherscan.cli import app
 from fisherscan.scores import load_scores
 from fisherscan.synthetic import write_dataset
+from conftest import ok, one_error_line
+
 
 IMAGES = 8
 BATCH = 2
@@ -35,23 +37,6 @@ def invoke(data: Path, out: Path, *extra):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(out.parent)
         return runner.invoke(app, [str(a) for a in ["score", *COMMON, "--data", data, "--out", out.name, *extra]])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n" \
-                                  f"exception: {result.exception!r}"
-    return result
-
-
-def one_error_line(result, *needles: str) -> str:
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}\n{result.stderr}"
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    for needle in needles:
-        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def partial(out: Path) -> Path:

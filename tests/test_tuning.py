@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 
 from fisherscan.cli import app
 from fisherscan.models import build_backbone
-from fisherscan.scores import load_scores, save_scores
+from fisherscan.scores import load_scores
 from fisherscan.select import STRATEGIES, select_mask, selected_count
 from fisherscan.synthetic import write_dataset
 from fisherscan.tuning import TuneConfig, load_run, run_tune
+from conftest import write_random_scores
+
 
 MODEL = "timm:vit_tiny_patch16_224"
 
@@ -29,14 +31,7 @@ def source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scores_file(tmp_path_factory) -> Path:
-    torch.manual_seed(123)
-    backbone = build_backbone(MODEL, random_init=True).model
-    g = torch.Generator().manual_seed(0)
-    by_kind = {kind: {n: torch.rand(p.shape, generator=g) for n, p in backbone.named_parameters()}
-               for kind in ("fim", "fim_shift", "delta", "drfim")}
-    path = tmp_path_factory.mktemp("scores") / "scores.safetensors"
-    save_scores(path, by_kind, {"model": MODEL, "images": 4, "head": None})
-    return path
+    return write_random_scores(tmp_path_factory.mktemp("scores") / "scores.safetensors", MODEL, 4, seed=123)
 
 
 def config(scores_file, source, out, **overrides) -> TuneConfig:
