@@ -8,9 +8,11 @@ rename -- a killed run never leaves a truncated file under the final name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -33,13 +35,15 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``."""
+    """Yield a temporary path beside ``path``; on success fsync it, rename it to ``path`` and delete what killed
+    writers of ``path`` left behind."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FisherscanError(f"{path}: folder {folder} does not exist; create it or choose another --out")
     if not os.access(folder, os.W_OK):
         raise FisherscanError(f"{path}: folder {folder} is not writable; choose another --out")
+    started = time.time()
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(handle)
     tmp = Path(tmp_name)
@@ -50,9 +54,18 @@ def atomic_target(path: Path) -> Iterator[Path]:
             os.fchmod(written.fileno(), 0o666 & ~_umask())
             os.fsync(written.fileno())
         os.replace(tmp, path)
+        remove_stale_temporaries(path, started)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path: Path, before: float) -> None:
+    """Delete temporary files of ``path`` that a killed writer left (``.<name>.*.tmp`` made before ``before``)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < before:
+                stale.unlink()
 
 
 def save_scores(path: Path, scores: dict[str, dict[str, torch.Tensor]], metadata: dict) -> None:

@@ -235,3 +235,21 @@ def test_load_metadata_not_an_object(tmp_path):
     save_file({"fim/a": torch.zeros(2)}, str(path), metadata={METADATA_KEY: "[1, 2]"})
     with pytest.raises(FisherscanError, match="list.safetensors"):
         load_scores(path)
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """Oracle: the folder listing. A temporary made before this write (a killed run's) goes; one made during it
+    (another writer's, same name) and other files' temporaries stay."""
+    path = tmp_path / "scores.safetensors"
+    stale = tmp_path / ".scores.safetensors.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    other = tmp_path / ".model.safetensors.def456.tmp"
+    other.write_bytes(b"")
+    os.utime(other, (1_000_000_000, 1_000_000_000))
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(b"complete")
+        concurrent = tmp_path / ".scores.safetensors.ghi789.tmp"
+        concurrent.write_bytes(b"")
+    assert path.read_bytes() == b"complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other.name, concurrent.name])
