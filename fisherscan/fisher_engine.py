@@ -8,13 +8,13 @@ Eq. 6's batch spread is held constant). The layer's rule (``fisherscan.per_image
 per-image parameter gradients, a chunk of ``chunk_size`` images at a time, and their squares are added to fp32
 accumulators; the kept input is freed as soon as its rule has run.
 
-Never silently skipped. A module type without a rule (SAM's attention with its rel_pos_h/w tables, say) is
-recomputed image by image on its saved input, with autograd to its own parameters only ("recompute"). What
-remains (a module called more than once per forward, a parameter shared between modules or used outside its
-module, a recompute that cannot be done) is computed exactly on the slowest path: torch.func vmap(grad)
-restricted to those parameters (``fisherscan.fisher.vmap_squared_gradient_sum``, "fallback"). Parameters with
-no path to the loss are found once per model and get exact zeros ("unused"). ``HookEngine.visits`` records
-which way each parameter went.
+Never silently skipped. A module type without a rule (a GroupNorm, or SAM's attention in a configuration its rule
+does not take, say) is recomputed image by image on its saved input, with autograd to its own parameters only
+("recompute"). What remains (a module called more than once per forward, a parameter shared between modules or used
+outside its module, a recompute that cannot be done) is computed exactly on the slowest path: torch.func vmap(grad)
+restricted to those parameters (``fisherscan.fisher.vmap_squared_gradient_sum``, "fallback"). Parameters with no
+path to the loss are found once per model and get exact zeros ("unused"). ``HookEngine.visits`` records which way
+each parameter went.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ first-order extensions:
   is the common case.
 - LayerScale: dgamma_i = sum_t g_it * x_it.
 - EVA's fused attention: its q/v biases from the gradient at its qkv Linear's output (``child_rule_for``).
+- SAM's attention with decomposed relative positions: rel_pos_h/w from the attention-logit gradient, which the
+  rule recomputes from the module's input and output gradient (``sam_rel_pos``; qkv and proj keep the Linear rule).
 
 Prefix (cls, register) and position tokens enter through a small function of the patch tokens
 (``token_gradients``). Rotary embeddings (EVA) have no parameters. A parameter no rule covers is not skipped:
@@ -117,6 +119,63 @@ def eva_qkv_bias(module: nn.Module, x: torch.Tensor, g: torch.Tensor, images: in
     return {"q_bias": summed[:, :channels], "v_bias": summed[:, 2 * channels:]}
 
 
+def _rel_pos_matrix(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """timm's get_rel_pos as a matrix: R[a, b] = sum_l M[a, b, l] rel_pos[l] (gather, after a linear resize when
+    the table has another length; the same map for every channel), so M = get_rel_pos(identity)."""
+    from timm.models.vision_transformer_sam import get_rel_pos
+
+    eye = torch.eye(rel_pos.shape[0], dtype=torch.float32, device=rel_pos.device)
+    return get_rel_pos(q_size, k_size, eye)  # (q_size, k_size, L)
+
+
+def sam_rel_pos(module: nn.Module, x: torch.Tensor, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """timm's SAM Attention with use_rel_pos (windowed or global): per-image gradients of rel_pos_h and rel_pos_w.
+
+    x: the module's input (images * k, H, W, C), k windows per image (1 in global blocks); g: the gradient at its
+    output. Per row b (a window and head), with q, k, v from the qkv Linear (q after q_norm, unscaled):
+    S = scale q k^T + Bias, P = softmax(S), O = P v, out = proj(O, heads merged). Backward without autograd:
+    dO = g W_proj (split into heads), dS = P * (dO v^T - rowsum(dO * O)) (softmax backward, since
+    rowsum(P * dO v^T) = rowsum(dO * O)), and dBias = dS. The decomposed bias is
+    Bias[b, (h, w), (h', w')] = sum_c q[b, h, w, c] (Rh[h, h', c] + Rw[w, w', c]), so
+    dRh[h, h', c] = sum_{b, w} q[b, h, w, c] sum_{w'} dS[b, h, w, h', w'] and
+    dRw[w, w', c] = sum_{b, h} q[b, h, w, c] sum_{h'} dS[b, h, w, h', w'], summing the rows b of image i (its
+    windows and heads) for image i's gradient. With Rh = M_h rel_pos_h (``_rel_pos_matrix``: the index gather and any
+    resize), d rel_pos_h[l, c] = sum_{h, h'} M_h[h, h', l] dRh[h, h', c]; the same for w. One image at a time
+    (attention maps of a global block are large), each batched over its windows and heads, in fp32.
+    """
+    rows, H, W, C = x.shape
+    k, heads = rows // images, module.num_heads
+    d, N = C // heads, H * W
+    Mh = _rel_pos_matrix(H, H, module.rel_pos_h)
+    Mw = _rel_pos_matrix(W, W, module.rel_pos_w)
+    w_qkv = module.qkv.weight.float()
+    b_qkv = None if module.qkv.bias is None else module.qkv.bias.float()
+    w_proj = module.proj.weight.float()
+    out = {"rel_pos_h": torch.empty(images, *module.rel_pos_h.shape, dtype=torch.float32, device=x.device),
+           "rel_pos_w": torch.empty(images, *module.rel_pos_w.shape, dtype=torch.float32, device=x.device)}
+    with torch.no_grad():
+        for i in range(images):
+            xi = x[i * k:(i + 1) * k].float().reshape(k, N, C)
+            qkv = F.linear(xi, w_qkv, b_qkv).view(k, N, 3, heads, d).permute(2, 0, 3, 1, 4)
+            q, kk, v = qkv.reshape(3, k * heads, N, d).unbind(0)
+            q, kk = module.q_norm(q).float(), module.k_norm(kk).float()
+            rq = q.reshape(-1, H, W, d)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", rq, torch.einsum("hkl,lc->hkc", Mh, module.rel_pos_h.float()))
+            rel_w = torch.einsum("bhwc,wkc->bhwk", rq, torch.einsum("wkl,lc->wkc", Mw, module.rel_pos_w.float()))
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(-1, N, N)
+            p = torch.softmax(torch.baddbmm(bias, q, kk.transpose(1, 2), alpha=module.scale), dim=-1)
+            o = torch.bmm(p, v)
+            d_o = (g[i * k:(i + 1) * k].float().reshape(k, N, C) @ w_proj).view(k, N, heads, d)
+            d_o = d_o.transpose(1, 2).reshape(k * heads, N, d)
+            ds = p * (torch.bmm(d_o, v.transpose(1, 2)) - (d_o * o).sum(-1, keepdim=True))
+            ds = ds.view(-1, H, W, H, W)
+            d_rh = torch.einsum("bhwc,bhwk->hkc", rq, ds.sum(dim=4))
+            d_rw = torch.einsum("bhwc,bhwk->wkc", rq, ds.sum(dim=3))
+            out["rel_pos_h"][i] = torch.einsum("hkl,hkc->lc", Mh, d_rh)
+            out["rel_pos_w"][i] = torch.einsum("wkl,wkc->lc", Mw, d_rw)
+    return out
+
+
 def child_rule_for(module: nn.Module) -> tuple[str, Rule, dict] | None:
     """For a module whose own parameters act on a child's output: (child name, rule, attributes to set during
     the engine's pass). EVA's fused attention adds its q/v biases after the qkv Linear when told to
@@ -162,6 +221,13 @@ def _conv_supported(module: nn.Conv2d) -> bool:
     return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
+def _sam_rel_pos_supported(module: nn.Module) -> bool:
+    """The forward sam_rel_pos assumes: rel-pos bias, no rope, Linear qkv/proj, no attention dropout at work."""
+    return (getattr(module, "use_rel_pos", False) and getattr(module, "rope", None) is None
+            and isinstance(module.qkv, nn.Linear) and isinstance(module.proj, nn.Linear)
+            and (not module.training or module.attn_drop.p == module.proj_drop.p == 0))
+
+
 def _timm_types() -> dict[type, Rule]:
     try:
         from timm.layers import LayerNorm as TimmLayerNorm, LayerNorm2d, LayerScale
@@ -171,6 +237,11 @@ def _timm_types() -> dict[type, Rule]:
     try:
         from timm.models.vision_transformer import LayerScale as VitLayerScale
         types.setdefault(VitLayerScale, layer_scale)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.models.vision_transformer_sam import Attention as SamAttention
+        types[SamAttention] = sam_rel_pos
     except ImportError:  # pragma: no cover
         pass
     return types
@@ -188,4 +259,6 @@ def rule_for(module: nn.Module) -> Rule | None:
         return None  # x.mul_(gamma) overwrites the input the rule needs
     if rule in (layer_norm, layer_norm_2d) and getattr(module, "_fast_norm", False):
         return None  # apex/fused norms may compute in another precision; leave them to the fallback
+    if rule is sam_rel_pos and not _sam_rel_pos_supported(module):
+        return None
     return rule

@@ -26,7 +26,9 @@ FAMILIES = {
     "mae": ("vit_base_patch16_224.mae", dict(img_size=32)),
 }
 # parameters no rule covers, recomputed module by module (or found unused: no path to the segmentation loss)
-EXPECTED_RECOMPUTE = {"sam": {f"backbone.blocks.{i}.attn.rel_pos_{a}" for i in range(2) for a in "hw"}}
+EXPECTED_RECOMPUTE: dict[str, set[str]] = {}
+# SAM's rel_pos_h/w (block 0 windowed, block 1 global) have their own rule
+EXPECTED_RULE = {"sam": {f"backbone.blocks.{i}.attn.rel_pos_{a}": "sam_rel_pos" for i in range(2) for a in "hw"}}
 EXPECTED_UNUSED = {"eva02": {"backbone.fc_norm.weight", "backbone.fc_norm.bias"},
                    "eva02-fused": {"backbone.fc_norm.weight", "backbone.fc_norm.bias"}}
 
@@ -100,6 +102,7 @@ def test_engine_equals_per_image_loop_given_labels(family):
     # every parameter visited: by its rule, by recomputing its module where none applies, or found unused
     assert set(engine.visits) == set(dict(model.named_parameters()))
     assert {n for n, how in engine.visits.items() if how == RECOMPUTE} == EXPECTED_RECOMPUTE.get(name, set())
+    assert {n: engine.visits[n] for n in EXPECTED_RULE.get(name, {})} == EXPECTED_RULE.get(name, {})
     assert not [n for n, how in engine.visits.items() if how == FALLBACK]
     assert {n for n, how in engine.visits.items() if how == UNUSED} == EXPECTED_UNUSED.get(name, set())
     assert all(float(got[n].sum()) > 0 for n, how in engine.visits.items() if how != UNUSED)

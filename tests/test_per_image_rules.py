@@ -93,3 +93,19 @@ def test_token_gradients_of_an_interpolated_position_embedding():
     for i in range(IMAGES):
         (expected,) = torch.autograd.grad((embed(x[i:i + 1]) * g[i:i + 1]).sum(), [pos])
         torch.testing.assert_close(got[i], expected)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("windows, size, table", [(4, 2, 2), (1, 4, 4), (1, 4, 3)],
+                         ids=["windowed", "global", "global-resized-table"])
+def test_sam_rel_pos_attention(windows, size, table, fused):
+    """timm's SAM attention with decomposed relative positions: rel_pos_h/w per image (4 windows of 2x2 tokens per
+    image, or one global 4x4 map; a table of another length is resized inside get_rel_pos). qkv and proj are
+    children with their own Linear rule; the oracle's parameters are the module's own (rel_pos_h/w)."""
+    from timm.models.vision_transformer_sam import Attention
+
+    torch.manual_seed(0)
+    module = Attention(8, num_heads=2, use_rel_pos=True, input_size=(table, table + 1)).eval()
+    module.fused_attn = fused
+    check(module, torch.randn(IMAGES * windows, size, size + 1, 8))
+    assert rules.rule_for(Attention(8, num_heads=2)) is None  # no rel_pos: no parameters of its own either
