@@ -109,6 +109,7 @@ class TuneResult:
     finished: bool = True
     evaluation: object | None = None  # fisherscan.evaluate.EvalResult of the final model, with --eval
     notes: list[str] = field(default_factory=list)
+    main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
 
 def as_json(value):
@@ -356,7 +357,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
                 distributed.barrier(ranks)
                 distributed.teardown(ranks)
                 return TuneResult(run_dir=out, manifest=manifest, selected=int(flat_mask.sum()), total=total,
-                                  log=log_rows, finished=False, notes=notes)
+                                  log=log_rows, finished=False, notes=notes, main=ranks.main)
 
     selected = int(flat_mask.sum())
     manifest["bad_steps"] = bad_steps
@@ -376,7 +377,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     distributed.barrier(ranks)
     distributed.teardown(ranks)
     return TuneResult(run_dir=out, manifest=manifest, selected=selected, total=total, log=log_rows,
-                      evaluation=evaluation, notes=notes)
+                      evaluation=evaluation, notes=notes, main=ranks.main)
 
 
 def evaluate_run(segmenter: Segmenter, targets: list, config: TuneConfig, device: torch.device, progress,

@@ -88,6 +88,8 @@ def tune(
                     if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
         config = apply_recipe(config, explicit)
         result = run_tune(config, console)
+        if not result.main:  # torchrun: rank 0 reports
+            return
         for note in result.notes:
             stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         if not result.finished:
