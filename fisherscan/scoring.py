@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__, distributed
 from .data import (NUM_CLASSES, IGNORE_INDEX, SegmentationDataset, check_pairs, find_pairs, make_loader, padded_size,
                    select_images, skipped_note)
+from .config import RunConfig
 from .errors import FisherscanError
 from .fisher import (LABEL_MODES, FisherAccumulator, dr_fim_terms, shift_weight,
                      squared_gradient_sum, trainable_parameters)
@@ -52,25 +53,10 @@ from .variational import VariationalResult, fit_precision, precision_to_fisher, 
 ESTIMATORS = ("diagonal", "variational")
 
 
-@dataclass
-class ScoreConfig:
-    """Every option of ``fisherscan score``; the metadata records them all."""
+@dataclass(kw_only=True)
+class ScoreConfig(RunConfig):
+    """Every option of ``fisherscan score`` (the shared ones in ``config.RunConfig``); the metadata records them all."""
 
-    model: str
-    data: Path
-    out: Path
-    weights: Path | None = None
-    random_init: bool = False
-    strict: bool = True  # --no-strict: load the checkpoint keys that match, leave the rest
-    layout: str = "auto"
-    split: str = "train"
-    images: int | None = None
-    batch_size: int = 8
-    crop: int = 512
-    decoder: str = "linear"
-    feature_blocks: tuple[int, ...] | None = None
-    head: Path | None = None
-    warmup_steps: int = 200
     warmup_lr: float = 1e-3
     labels: str = "sampled"
     estimator: str = "diagonal"
@@ -84,16 +70,7 @@ class ScoreConfig:
     normalize: bool = True
     delta_eps: float | None = None
     shift_weight: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
     chunk_size: int = 8
-    overwrite: bool = False
-    save_every: int = 50
-    resume: bool = False
-    stop_after: int | None = None
-    max_bad_frac: float = 0.1
-    skip_bad: bool = False
 
 
 # options that may change between a stopped run and its continuation: none of them changes the scores

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, distributed
 from .augment import AUGMENTATIONS
 from .data import NUM_CLASSES, EpochSampler, SegmentationDataset, check_pairs, find_pairs, select_images, skipped_note
+from .config import RunConfig
 from .errors import FisherscanError
 from .evaluate import evaluate_datasets, prepare_datasets, save_results
 from .faults import injected_delay
@@ -44,24 +45,13 @@ from .scoring import progress_bar, resolve_device, warm_up_decoder
 from .segmenter import Segmenter, load_head
 from .select import STRATEGIES, selected_count, selection_order
 
-@dataclass
-class TuneConfig:
-    """Every option of ``fisherscan tune``; the manifest records them all."""
+@dataclass(kw_only=True)
+class TuneConfig(RunConfig):
+    """Every option of ``fisherscan tune`` (the shared ones in ``config.RunConfig``); the manifest records them all."""
 
     scores: Path
-    model: str
-    data: Path
-    out: Path
-    weights: Path | None = None
-    random_init: bool = False
-    strict: bool = True  # --no-strict: load the checkpoint keys that match, leave the rest
-    layout: str = "auto"
-    split: str = "train"
-    images: int | None = None
     steps: int = 1000
-    batch_size: int = 8
     accumulate: int = 1
-    crop: int = 512
     augment: str = "crop"
     recipe: str | None = None
     strategy: str = "scores"
@@ -73,26 +63,15 @@ class TuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     power: float = 0.9
-    decoder: str = "linear"
-    feature_blocks: tuple[int, ...] | None = None
-    head: Path | None = None
-    warmup_steps: int = 200
     full_checkpoint: bool = False
-    resume: bool = False
-    save_every: int = 100
-    stop_after: int | None = None
     eval: tuple[Path, ...] = ()
     eval_every: int = 0
     eval_layout: str = "auto"
     eval_split: str = "val"
     eval_crop: int | None = None
     eval_stride: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    overwrite: bool = False
-    max_bad_frac: float = 0.1
-    skip_bad: bool = False
+    workers: int = 2  # (RunConfig's defaults differ for tune)
+    save_every: int = 100
 
 
 # run control: not recorded in the manifest, so a continued run writes the same files as an uninterrupted one
