@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -64,6 +67,25 @@ def oracle_group(name: str, rows: np.ndarray, D: int = 4) -> np.ndarray:
     else:
         group = "other"
     return np.full(len(rows), group)
+
+
+def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:
+    """The oracle of the score tables: one row per element, in element order (parameters in file order,
+    row-major): param, block, group (``oracle_group``), value, and whether the element is in the exact top-k of
+    the Q/K/V/FFN candidates (stable sort: ties to the earlier element)."""
+    parts = []
+    for name, tensor in by_name.items():
+        values = tensor.reshape(-1).double().numpy()
+        rows = np.arange(values.size) // (values.size // tensor.shape[0])
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+        parts.append(pd.DataFrame({"param": name, "block": block, "group": oracle_group(name, rows), "value": values}))
+    frame = pd.concat(parts, ignore_index=True)
+    candidates = np.flatnonzero(frame["group"].isin(("Q", "K", "V", "FFN")).to_numpy())
+    k = math.ceil(top * len(candidates))
+    chosen = candidates[np.argsort(-frame["value"].to_numpy()[candidates], kind="stable")[:k]]
+    frame["selected"] = False
+    frame.loc[chosen, "selected"] = True
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from fisherscan.inspection import average_ranks, compare_scores, inspect_scores,
 from fisherscan.report import top_cell_counts, top_counts, top_mask
 from fisherscan.scores import load_scores, save_scores
 
-from conftest import ok, oracle_group, vit_shapes
+from conftest import element_frame, ok, vit_shapes
 
 D = 4
 CANDIDATES = ("Q", "K", "V", "FFN")
@@ -52,23 +52,6 @@ def make_scores(depth: int = 6, seed: int = 0, ties: bool = False) -> dict[str, 
 def write(path: Path, scores, model: str = "toy-vit") -> Path:
     save_scores(path, scores, {"model": model, "images": 16, "seed": 3})
     return path
-
-
-def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:
-    """One row per element in element order: param, block, group, value, selected (exact top-k of candidates)."""
-    parts = []
-    for name, tensor in by_name.items():
-        values = tensor.reshape(-1).double().numpy()
-        rows = np.arange(values.size) // (values.size // tensor.shape[0])
-        block = int(name.split(".")[1]) if name.startswith("blocks.") else -1
-        parts.append(pd.DataFrame({"param": name, "block": block, "group": oracle_group(name, rows), "value": values}))
-    frame = pd.concat(parts, ignore_index=True)
-    candidates = np.flatnonzero(frame["group"].isin(CANDIDATES).to_numpy())
-    k = math.ceil(top * len(candidates))
-    chosen = candidates[np.argsort(-frame["value"].to_numpy()[candidates], kind="stable")[:k]]
-    frame["selected"] = False
-    frame.loc[chosen, "selected"] = True
-    return frame
 
 
 def invoke(*args):

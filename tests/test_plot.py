@@ -26,13 +26,12 @@ from fisherscan.cli import app
 from fisherscan.report import cell_summary
 from fisherscan.scores import load_scores, save_scores
 
-from conftest import oracle_group, vit_shapes
+from conftest import element_frame, vit_shapes
 
 D = 4  # embedding width
 CANDIDATES = ("Q", "K", "V", "FFN")
 KINDS = ("fim", "fim_shift", "delta", "drfim")
 runner = CliRunner()
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,24 +56,6 @@ def make_scores(depth: int, seed: int = 0, ties: bool = False) -> dict[str, dict
 def write_scores(path: Path, depth: int, **kwargs) -> Path:
     save_scores(path, make_scores(depth, **kwargs), {"model": f"toy-vit-{depth}", "images": 16})
     return path
-
-
-def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:
-    """One row per element, in element order (parameters in file order, row-major): block, group, value, and
-    whether the element is in the exact top-k of the candidates (stable sort: ties to the earlier element)."""
-    parts = []
-    for name, tensor in by_name.items():
-        values = tensor.reshape(-1).double().numpy()
-        rows = np.arange(values.size) // (values.size // tensor.shape[0])
-        block = int(name.split(".")[1]) if name.startswith("blocks.") else -1
-        parts.append(pd.DataFrame({"block": block, "group": oracle_group(name, rows), "value": values}))
-    frame = pd.concat(parts, ignore_index=True)
-    candidates = np.flatnonzero(frame["group"].isin(CANDIDATES).to_numpy())
-    k = math.ceil(top * len(candidates))
-    chosen = candidates[np.argsort(-frame["value"].to_numpy()[candidates], kind="stable")[:k]]
-    frame["selected"] = False
-    frame.loc[chosen, "selected"] = True
-    return frame
 
 
 def oracle_matrix(frame: pd.DataFrame, stat: str, groups) -> pd.DataFrame:
