@@ -1,4 +1,5 @@
-"""What the GPU benchmark scripts share: the device, the report header, synchronised timing, the JSON file."""
+"""What the GPU benchmark scripts share: the device, the report header, synchronised timing, the JSON file and
+the plain training step every ratio is measured against."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from fisherscan.fisher import sample_labels, upsample_logits
 
 
 def pick_device(small: bool) -> torch.device:
@@ -26,3 +30,13 @@ def sync(device: torch.device) -> None:
 def save_report(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
+
+
+def plain_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor,
+                        autocast: torch.dtype | None) -> None:
+    """The reference: one forward and backward of the whole batch, summed pixel cross-entropy on sampled labels."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast is not None):
+        logits = model(x)
+    logits = upsample_logits(logits.float(), tuple(y.shape[-2:]))
+    F.cross_entropy(logits, sample_labels(logits, u.to(x.device), y != 255), reduction="sum").backward()

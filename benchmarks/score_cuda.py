@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import new_report, pick_device, save_report, sync  # noqa: E402
+from _common import new_report, pick_device, plain_training_step, save_report, sync  # noqa: E402
 
 from fisherscan.fisher import image_loss, sample_labels, squared_gradient_sum, upsample_logits  # noqa: E402
 from fisherscan.models import build_backbone  # noqa: E402
@@ -76,11 +75,7 @@ def speed(device, model_spec, crop, batch, repeats) -> dict:
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     def plain():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None):
-            logits = model(x)
-        logits = upsample_logits(logits.float(), (crop, crop))
-        F.cross_entropy(logits, sample_labels(logits, u.to(device), y != 255), reduction="sum").backward()
+        plain_training_step(model, x, y, u, autocast)
 
     def vmap_engine():
         squared_gradient_sum(model, x, y, u, chunk_size=batch, autocast_dtype=autocast, engine="vmap")

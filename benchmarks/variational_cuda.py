@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import new_report, pick_device, save_report, sync  # noqa: E402
+from _common import new_report, pick_device, plain_training_step, save_report, sync  # noqa: E402
 
-from fisherscan.fisher import sample_labels, trainable_parameters, upsample_logits  # noqa: E402
+from fisherscan.fisher import trainable_parameters  # noqa: E402
 from fisherscan.models import build_backbone  # noqa: E402
 from fisherscan.segmenter import Segmenter  # noqa: E402
 from fisherscan.variational import fit_precision, segmentation_losses  # noqa: E402
@@ -43,11 +42,7 @@ def step_timing(device, spec, crop, batch, repeats) -> dict:
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     def plain():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None):
-            logits = model(x)
-        logits = upsample_logits(logits.float(), (crop, crop))
-        F.cross_entropy(logits, sample_labels(logits, u, y != 255), reduction="sum").backward()
+        plain_training_step(model, x, y, u, autocast)
 
     losses = segmentation_losses(model, lambda step: (x, y, u), autocast_dtype=autocast)
 
