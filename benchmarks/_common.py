@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fisherscan.fisher import sample_labels, upsample_logits
+from fisherscan.fisher.loss import sample_labels
+from fisherscan.models.logits import upsample_logits
 
 
 def pick_device(small: bool) -> torch.device:

@@ -51,7 +51,7 @@ SMALL = dict(arch="vit_small_patch16_224", crop=96, batch=8,
 def build(args, device):
     import timm
 
-    from fisherscan.segmenter import Segmenter
+    from fisherscan.models.segmenter import Segmenter
 
     torch.manual_seed(0)
     backbone = timm.create_model(args.arch, pretrained=False, num_classes=0, img_size=args.crop,
@@ -65,7 +65,9 @@ def build(args, device):
 
 
 def method(name, model, x, y, u, autocast):
-    from fisherscan.fisher import image_loss, sample_labels, squared_gradient_sum, upsample_logits
+    from fisherscan.fisher.diagonal import squared_gradient_sum
+    from fisherscan.fisher.loss import image_loss, sample_labels
+    from fisherscan.models.logits import upsample_logits
 
     device = x.device
     size = tuple(y.shape[-2:])

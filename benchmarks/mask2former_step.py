@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import new_report, pick_device, save_report, sync  # noqa: E402
-from fisherscan.models import build_backbone  # noqa: E402
-from fisherscan.segmenter import Segmenter  # noqa: E402
+from fisherscan.models.backbone import build_backbone  # noqa: E402
+from fisherscan.models.segmenter import Segmenter  # noqa: E402
 
 
 def step_seconds(segmenter: Segmenter, x: torch.Tensor, y: torch.Tensor, repeats: int) -> tuple[list, list]:

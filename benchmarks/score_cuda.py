@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import new_report, pick_device, plain_training_step, save_report, sync  # noqa: E402
 
-from fisherscan.fisher import image_loss, sample_labels, squared_gradient_sum, upsample_logits  # noqa: E402
-from fisherscan.models import build_backbone  # noqa: E402
-from fisherscan.segmenter import Segmenter  # noqa: E402
+from fisherscan.fisher.diagonal import squared_gradient_sum  # noqa: E402
+from fisherscan.fisher.loss import image_loss, sample_labels  # noqa: E402
+from fisherscan.models.logits import upsample_logits  # noqa: E402
+from fisherscan.models.backbone import build_backbone  # noqa: E402
+from fisherscan.models.segmenter import Segmenter  # noqa: E402
 
 
 def timed(fn, device, repeats):
@@ -111,7 +113,7 @@ def speed(device, model_spec, crop, batch, repeats) -> dict:
 
 def cli_end_to_end(device, small) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        from fisherscan.synthetic import write_dataset
+        from fisherscan.data.synthetic import write_dataset
 
         data = write_dataset(Path(tmp) / "data", domains=("source",), images_per_domain=16, size=(256, 256))["source"]
         out = Path(tmp) / "scores.safetensors"
@@ -125,7 +127,7 @@ def cli_end_to_end(device, small) -> dict:
         result = {"command": " ".join(command[1:]), "returncode": run.returncode, "seconds": seconds,
                   "stdout_tail": run.stdout[-1500:], "stderr_tail": run.stderr[-800:]}
         if run.returncode == 0:
-            from fisherscan.scores import load_scores
+            from fisherscan.scores.file import load_scores
 
             scores, meta = load_scores(out)
             result["all_finite_nonnegative"] = all(bool(torch.isfinite(t).all() and (t >= 0).all())

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import new_report, pick_device, plain_training_step, save_report, sync  # noqa: E402
 
-from fisherscan.fisher import trainable_parameters  # noqa: E402
-from fisherscan.models import build_backbone  # noqa: E402
-from fisherscan.segmenter import Segmenter  # noqa: E402
-from fisherscan.variational import fit_precision, segmentation_losses  # noqa: E402
+from fisherscan.fisher.loss import trainable_parameters  # noqa: E402
+from fisherscan.models.backbone import build_backbone  # noqa: E402
+from fisherscan.models.segmenter import Segmenter  # noqa: E402
+from fisherscan.fisher.variational import fit_precision, segmentation_losses  # noqa: E402
 
 
 def step_timing(device, spec, crop, batch, repeats) -> dict:
@@ -108,7 +108,7 @@ def bf16_agreement(device) -> dict:
 
 def tune_end_to_end(device, small) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        from fisherscan.synthetic import write_dataset
+        from fisherscan.data.synthetic import write_dataset
 
         data = write_dataset(Path(tmp) / "data", domains=("source",), images_per_domain=16, size=(128, 128))["source"]
         scores = Path(tmp) / "scores.safetensors"

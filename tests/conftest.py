@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from fisherscan.segmenter import Segmenter
+from fisherscan.models.segmenter import Segmenter
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to a busy machine's oversubscription
 
@@ -89,6 +90,77 @@ def element_frame(by_name: dict[str, torch.Tensor], top: float) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Oracles of the Fisher tests (``tests/fisher``): a brute-force per-image autograd loop and Eq. 6 by hand
+
+
+IGNORE = 255
+
+
+def batch(seed: int = 0, b: int = 3, size: tuple[int, int] = (16, 20), label_size: tuple[int, int] = (15, 21),
+          classes: int = 4):
+    """Images whose sides are patch multiples, labels of another size (upsampling), some ignored pixels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, *size, generator=g)
+    y = torch.randint(0, classes, (b, *label_size), generator=g)
+    y[0, :4] = IGNORE
+    y[-1, :, -3:] = IGNORE
+    return x, y
+
+
+def brute_force_fisher(model, batches, uniforms=None, hook=None):
+    """Oracle: one forward and backward per image, plain autograd; own inverse-CDF sampling (searchsorted)."""
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    images = 0
+    for k, (x, y) in enumerate(batches):
+        for i in range(x.shape[0]):
+            if hook is not None:
+                hook.image = i
+            model.zero_grad()
+            logits = F.interpolate(model(x[i:i + 1]), size=y.shape[-2:], mode="bilinear", align_corners=False)[0]
+            valid = y[i] != IGNORE
+            if uniforms is None:
+                target = y[i].clone()
+            else:
+                cdf = torch.softmax(logits.detach(), 0).cumsum(0).permute(1, 2, 0).contiguous()
+                target = torch.searchsorted(cdf, uniforms[k][i].unsqueeze(-1).contiguous()).squeeze(-1)
+                target = target.clamp(max=logits.shape[0] - 1)
+            target[~valid] = 0
+            pixel_loss = F.cross_entropy(logits.unsqueeze(0), target.unsqueeze(0), reduction="none")[0]
+            (pixel_loss * valid).sum().backward()
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    total[n] += p.grad.detach() ** 2
+            images += 1
+    return {n: v / images for n, v in total.items()}
+
+
+def assert_close_dicts(actual, expected, rtol=1e-4):
+    assert set(actual) == set(expected)
+    for name in expected:
+        scale = expected[name].abs().max().clamp_min(1e-12)
+        err = (actual[name] - expected[name]).abs().max() / scale
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+class OracleShift:
+    """Eq. 6 written out independently, applied to the image ``self.image`` of a per-image loop."""
+
+    def __init__(self, eps_mu, eps_sigma, spread_mu, spread_sigma, prefix):
+        self.eps_mu, self.eps_sigma, self.spread = eps_mu, eps_sigma, (spread_mu, spread_sigma)
+        self.prefix, self.image = prefix, 0
+
+    def __call__(self, module, args):
+        tokens = args[0]
+        patch = tokens[:, self.prefix:]
+        mu = patch.mean(1)
+        sigma = torch.sqrt(patch.var(1) + 1e-6)
+        alpha = mu + self.eps_mu[self.image] * self.spread[0]
+        beta = sigma + self.eps_sigma[self.image] * self.spread[1]
+        shifted = beta[:, None] * (patch - mu[:, None]) / sigma[:, None] + alpha[:, None]
+        return (torch.cat([tokens[:, : self.prefix], shifted], 1),)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLI results and score files shared by the command tests (``from conftest import ok, ...``)
 
 
@@ -113,8 +185,8 @@ def one_error_line(result, *needles: str) -> str:
 
 def write_random_scores(path, model: str, images: int, seed: int = 123):
     """A scores file of uniform random values with ``model``'s names and shapes (tune needs no real scores)."""
-    from fisherscan.models import build_backbone
-    from fisherscan.scores import save_scores
+    from fisherscan.models.backbone import build_backbone
+    from fisherscan.scores.file import save_scores
 
     torch.manual_seed(seed)
     backbone = build_backbone(model, random_init=True).model

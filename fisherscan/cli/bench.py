@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from . import app, console, print_paths, stdout, user_errors
+from .app import app, console, print_paths, stdout, user_errors
 
 
 @app.command()
@@ -23,7 +23,7 @@ def bench(
 ) -> None:
     """Pretrain a small ViT on procedural scenes of 5 domains (cached), then score, tune on the source domain with
     full, freeze, random, fim, delta, drfim and variational drfim, and evaluate mIoU on every domain."""
-    from ..proxy_dg import benchmark_config, results_table, run_benchmark, verdict
+    from ..bench.proxy_dg import benchmark_config, results_table, run_benchmark, verdict
 
     with user_errors():
         config = benchmark_config(out, quick=quick, seeds=seeds, cache=cache, work=work, device=device)

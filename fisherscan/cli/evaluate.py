@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import FisherscanError
-from . import app, console, print_paths, stdout, user_errors
+from .app import app, console, print_paths, stdout, user_errors
 
 _LAYOUT_HELP = "auto|gta5|cityscapes|bdd100k|mapillary|acdc|generic; once for all, or once per --data"
 _RESIZE_HELP = "resize the input first: WIDTHxHEIGHT (e.g. 1024x512) or a scale factor (e.g. 0.5)"
@@ -38,11 +38,11 @@ def eval_command(
                                                             "eval.json) instead of stopping"),
 ) -> None:
     """mIoU per data set (confusion matrix over the whole set, 19 classes) and their mean; JSON and CSV saved."""
-    from ..tuning import load_run
-    from ..evaluate import (SCORE_AT, check_window, evaluate_datasets, parse_resize, prepare_datasets,
-                            results_table, save_results)
-    from ..data import skipped_note
-    from ..scoring import resolve_device
+    from ..eval.runs import load_run
+    from ..eval.evaluate import evaluate_datasets, prepare_datasets, results_table, save_results
+    from ..eval.inference import SCORE_AT, check_window, parse_resize
+    from ..data.datasets import skipped_note
+    from ..runtime import resolve_device
 
     with user_errors():
         parse_resize(resize)
@@ -88,9 +88,10 @@ def predict(
     batch_size: int = typer.Option(4, "--batch-size", help="slide windows per forward pass"),
 ) -> None:
     """Segment images: palette PNGs in the Cityscapes colours (pixel values are the trainIds)."""
-    from ..evaluate import check_window, find_images, parse_resize, predict_images
-    from ..tuning import load_run
-    from ..scoring import resolve_device
+    from ..eval.inference import check_window, parse_resize
+    from ..eval.predict import find_images, predict_images
+    from ..eval.runs import load_run
+    from ..runtime import resolve_device
 
     with user_errors():
         parse_resize(resize)

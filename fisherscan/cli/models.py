@@ -6,7 +6,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import app, stdout, user_errors
+from .app import app, stdout, user_errors
 
 
 def millions(count: int | None) -> str:
@@ -19,7 +19,8 @@ def models_command(
                                                          "computed on the meta device"),
 ) -> None:
     """List the backbones --model accepts, with the official file each loads and where to put it."""
-    from ..models import hub_checkpoint_dir, registry_rows
+    from ..models.backbone import registry_rows
+    from ..models.registry import hub_checkpoint_dir
 
     with user_errors():
         rows = registry_rows(counts=counts)

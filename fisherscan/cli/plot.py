@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 
-from . import app, parse_fraction, print_paths, stdout, user_errors
+from .app import app, parse_fraction, print_paths, stdout, user_errors
 
 PATH_LABELS = {"heatmap-csv": "heatmap table", "histogram-csv": "histogram table", "blocks-csv": "blocks table"}
 
@@ -36,7 +36,7 @@ def plot(
     scale: str = typer.Option("auto", "--scale", help="auto (log for mean, linear for share), log or linear"),
 ) -> None:
     """Heatmap of sensitivity per block x group (Fig. 6), log10 histograms per group, per-block top-k fractions."""
-    from ..plot import plot_scores
+    from ..scores.plot import plot_scores
 
     with user_errors():
         result = plot_scores(scores, kind=kind, out=out, stat=stat, top=parse_top(top), all_groups=all_groups,
@@ -53,7 +53,7 @@ def inspect(
     top: str = typer.Option("5%", "--top", help="top-k of the candidate elements (Q, K, V, FFN): 5% or 0.05"),
 ) -> None:
     """Metadata and a block x group table of a scores file; with --compare, Spearman and top-k Jaccard vs another."""
-    from ..inspection import run_inspect
+    from ..scores.compare import run_inspect
 
     with user_errors():
         tables, _ = run_inspect(scores, kind=kind, top=parse_top(top), compare=compare, csv=csv)

@@ -8,12 +8,12 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from . import app, console, parse_blocks, print_paths, stdout, user_errors
+from .app import app, console, parse_blocks, print_paths, stdout, user_errors
 
 
 def report_scores(result, out: Path) -> None:
     """Print the group table and save it as CSV beside the scores."""
-    from ..report import group_summary, summary_table
+    from ..scores.summary import group_summary, summary_table
 
     frame = group_summary(result.scores)
     csv_path = out.with_name(out.name.removesuffix(".safetensors") + ".groups.csv")
@@ -75,7 +75,8 @@ def score(
                                                             "before the run, listed in the metadata) instead of stopping"),
 ) -> None:
     """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
-    from ..scoring import ScoreConfig, run_score
+    from ..recipes.config import ScoreConfig
+    from ..recipes.score import run_score
 
     with user_errors():
         config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict, layout=layout,
@@ -109,8 +110,8 @@ def demo(
 ) -> None:
     """The built-in default job: procedural scenes in 5 domains; score a small ViT on the source, tune it from the
     DR-FIM scores and with a frozen backbone, evaluate both on every domain."""
-    from ..demo import run_demo, tune_and_evaluate
-    from ..plot import plot_scores
+    from ..bench.demo import run_demo, tune_and_evaluate
+    from ..scores.plot import plot_scores
 
     with user_errors():
         result, scores_path = run_demo(out, images=images, seed=seed, device=device, console=console)

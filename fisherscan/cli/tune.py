@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from ..groups import CANDIDATE_GROUPS
-from . import app, console, parse_blocks, parse_fraction, print_paths, stdout, user_errors
+from ..models.groups import CANDIDATE_GROUPS
+from .app import app, console, parse_blocks, parse_fraction, print_paths, stdout, user_errors
 
 
 @app.command()
@@ -68,8 +68,9 @@ def tune(
                                                             "before the run, listed in the manifest) instead of stopping"),
 ) -> None:
     """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
-    from ..recipes import apply_recipe
-    from ..tuning import TuneConfig, run_tune, trainable_summary
+    from ..recipes.presets import apply_recipe
+    from ..recipes.config import TuneConfig
+    from ..recipes.tune import run_tune, trainable_summary
 
     with user_errors():
         config = TuneConfig(
@@ -98,7 +99,7 @@ def tune(
             return
         stdout.print(trainable_summary(result), markup=False)
         if result.evaluation is not None:
-            from ..evaluate import results_table
+            from ..eval.evaluate import results_table
 
             stdout.print(results_table(result.evaluation, f"mIoU after {config.steps} steps"))
         print_paths(("model", out / "model.safetensors"), ("manifest", out / "manifest.json"), ("log", out / "log.csv"),
@@ -117,7 +118,7 @@ def mask(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Write the selection for a budget as a safetensors mask, for use in other trainers."""
-    from ..tuning import write_mask
+    from ..scores.select import write_mask
 
     with user_errors():
         selected, total = write_mask(scores, out, parse_fraction(budget, "--budget"), strategy, score_kind,

@@ -53,7 +53,7 @@ CONFIGS = {
 def make_data(work: Path) -> None:
     """Generated scenes: 8 source images (one of them unreadable, for --skip-bad) and 4 held-out scenes per
     domain in source and fog."""
-    from fisherscan.synthetic import write_dataset
+    from fisherscan.data.synthetic import write_dataset
 
     write_dataset(work / "data", domains=("source",), images_per_domain=8, size=(64, 64), seed=0)
     write_dataset(work / "val", domains=("source", "fog"), images_per_domain=4, size=(64, 64), seed=1)

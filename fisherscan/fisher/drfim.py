@@ -1,0 +1,74 @@
+"""The domain-related Fisher: Delta F (Eq. 5) and DR-FIM (Eq. 7), with the decisions the paper leaves open.
+
+    Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps)                   (Eq. 5)
+    DRF     = F(x) + w * Delta F,   w = exp(-(eps_mu + eps_sigma))         (Eq. 7)
+
+Decisions (``docs/method.md``): F(x) and F(x') are divided by the mean of F(x) over the candidate elements
+(Q, K, V, FFN) first, so both terms are O(1); Eq. 5's eps is then a relative floor, ``DELTA_EPS_NORMALIZED``
+(1e-3), instead of the printed 1e-8 (``DELTA_EPS_LITERAL``, kept for the literal formula); the shift weight is
+exp(-s), s the mean relative change of the statistics Eq. 6 actually applied. This module is their one home.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+DELTA_EPS_LITERAL = 1e-8  # Eq. 5 as printed
+DELTA_EPS_NORMALIZED = 1e-3  # a relative floor once F is in units of its candidate mean
+
+
+def default_delta_eps(normalize: bool) -> float:
+    """Eq. 5's eps: the relative floor for normalised F, the printed 1e-8 for the literal formula."""
+    return DELTA_EPS_NORMALIZED if normalize else DELTA_EPS_LITERAL
+
+
+def delta_fisher(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor],
+                 eps: float = DELTA_EPS_LITERAL) -> dict[str, torch.Tensor]:
+    """Eq. 5: Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps), element-wise, per parameter."""
+    return {name: (f_clean[name] - f_shift[name]).abs() / (torch.minimum(f_clean[name], f_shift[name]) + eps)
+            for name in f_clean}
+
+
+def fisher_scale(f_clean: dict[str, torch.Tensor], candidates: Iterable[str] | None = None) -> float:
+    """The mean of F(x) over all elements of the ``candidates`` parameters (default: all) -- the unit of F."""
+    names = list(f_clean) if candidates is None else list(candidates)
+    total = sum(float(f_clean[n].double().sum()) for n in names)
+    count = sum(f_clean[n].numel() for n in names)
+    return total / count if count else 0.0
+
+
+def shift_weight(magnitude: float) -> float:
+    """exp(-s): the damping of the domain term in Eq. 7, with s the mean relative shift actually applied."""
+    return math.exp(-magnitude)
+
+
+def dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
+                 normalize: bool = True, candidates: Iterable[str] | None = None, eps: float | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """Eq. 7 with its parts: (Delta F of Eq. 5, DRF = F(x) + w * Delta F, the scale F was divided by).
+
+    ``normalize=True`` (fisherscan's default): F(x) and F(x') are divided by the mean of F(x) over the candidate
+    elements first, so both terms are O(1), and Eq. 5's eps is a relative floor (``default_delta_eps``).
+    ``normalize=False`` is the literal formula with eps = 1e-8 (scale 1).
+    """
+    if eps is None:
+        eps = default_delta_eps(normalize)
+    scale = 1.0
+    if normalize:
+        scale = fisher_scale(f_clean, candidates)
+        if scale <= 0:
+            raise ValueError("F(x) is zero on every candidate element; nothing to normalise by")
+        f_clean = {n: v / scale for n, v in f_clean.items()}
+        f_shift = {n: v / scale for n, v in f_shift.items()}
+    delta = delta_fisher(f_clean, f_shift, eps)
+    return delta, {name: f_clean[name] + shift_weight * delta[name] for name in f_clean}, scale
+
+
+def dr_fim(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
+           normalize: bool = True, candidates: Iterable[str] | None = None,
+           eps: float | None = None) -> dict[str, torch.Tensor]:
+    """Eq. 7: DRF = F(x) + w * Delta F (Eq. 5), w the shift weight; normalisation as in ``dr_fim_terms``."""
+    return dr_fim_terms(f_clean, f_shift, shift_weight, normalize, candidates, eps)[1]

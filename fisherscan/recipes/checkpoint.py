@@ -1,0 +1,240 @@
+"""What a stopped run leaves so the same command continues it: score's partial file, tune's checkpoint, and
+the finished run folder of tune. Every file is a safetensors file in ``fisherscan.io``'s one format.
+
+- ``<scores stem>.partial.safetensors`` (``score``): the diagonal estimator's two squared-gradient sums
+  (``clean/``, ``shifted/``) and counters, or the variational estimator's finished and running fits, with the
+  warmed head (``head/``), the options and the context (warm-up, skipped pairs).
+- ``RUN_DIR/checkpoint.safetensors`` (``tune``): the touched backbone parameters, the decoder, both optimizers'
+  moments and step counts, the log and the options.
+- ``RUN_DIR/model.safetensors`` + ``manifest.json`` + ``log.csv``: the finished run.
+
+A continued run refuses options that changed since it stopped, except ``config.RESUME_SAFE``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import FisherscanError
+from ..fisher.diagonal import FisherAccumulator
+from ..fisher.variational import VariationalResult, precision_to_fisher
+from ..io import atomic_target, options_json, read_info, read_tensors, write_tensors
+from ..models.segmenter import Segmenter
+from .config import ScoreConfig, changed_options
+from .optim import MaskedAdamW
+
+FRESH = "delete it or pass --overwrite to start afresh"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# score: the partial file
+
+
+def partial_path_for(scores_path: Path) -> Path:
+    """Where ``score`` keeps its resumable state: beside the scores, ``<stem>.partial.safetensors``."""
+    scores_path = Path(scores_path)
+    return scores_path.with_name(scores_path.name.removesuffix(".safetensors") + ".partial.safetensors")
+
+
+def write_partial(path: Path, tensors: dict[str, torch.Tensor], info: dict, segmenter: Segmenter,
+                  config: ScoreConfig, context: dict) -> None:
+    """A stopped run's tensors, the warmed head (``head/``), its options and ``context`` (warm-up, skipped pairs)."""
+    tensors = dict(tensors)
+    tensors.update({f"head/{n}": v.detach().cpu().clone() for n, v in segmenter.decoder.state_dict().items()})
+    info = {**info, **context, "estimator": config.estimator, "options": options_json(config),
+            "fisherscan_version": __version__}
+    write_tensors(path, tensors, "partial", info)
+
+
+def save_diagonal_partial(path: Path, clean: FisherAccumulator, shifted: FisherAccumulator, counters: dict,
+                          segmenter: Segmenter, config: ScoreConfig, context: dict) -> None:
+    """The diagonal estimator's state: both sums (``clean/``, ``shifted/``) and its counters."""
+    tensors = {f"clean/{n}": v for n, v in clean.sums.items()}
+    tensors.update({f"shifted/{n}": v for n, v in shifted.sums.items()})
+    info = {"next_image": counters["next_image"], "clean_images": clean.images, "shifted_images": shifted.images,
+            "shift_magnitude_sum": counters["shift_magnitude_sum"], "bad_batches": counters["bad_batches"]}
+    write_partial(path, tensors, info, segmenter, config, context)
+
+
+def save_variational_partial(path: Path, run: dict, segmenter: Segmenter, config: ScoreConfig, context: dict) -> None:
+    """The variational estimator's state: finished fits (``done_<kind>/``: Lambda), the fit in progress
+    (``fit_precision/``, ``fit_snapshot/``, ``fit_noise``: the xi generator) and the shift magnitudes so far."""
+    tensors, fits = {}, {}
+    for kind, fit in run["fits"].items():
+        tensors.update({f"done_{kind}/{n}": v for n, v in fit.precision.items()})
+        fits[kind] = {"terms": fit.terms, "relative_change": fit.relative_change, "converged": fit.converged}
+    fit_info = None
+    if run["fit"] is not None:
+        tensors.update({f"fit_precision/{n}": v for n, v in run["fit"]["precision"].items()})
+        tensors.update({f"fit_snapshot/{n}": v for n, v in run["fit"]["snapshot"].items()})
+        tensors["fit_noise"] = run["fit"]["noise"]
+        fit_info = {k: run["fit"][k] for k in ("step", "kl", "history")}
+    info = {"phase": run["phase"], "global_step": run["global_step"], "magnitudes": run["magnitudes"],
+            "fits": fits, "fit": fit_info}
+    write_partial(path, tensors, info, segmenter, config, context)
+
+
+def read_partial_info(path: Path) -> dict:
+    info = read_info(path, "partial", FRESH)
+    if not isinstance(info.get("options"), dict):
+        raise FisherscanError(f"{path}: not a readable partial scoring file (no options); {FRESH}")
+    return info
+
+
+def restore_head(tensors: dict, segmenter: Segmenter, path: Path) -> None:
+    head = {n[len("head/"):]: v for n, v in tensors.items() if n.startswith("head/")}
+    if set(head) != set(segmenter.decoder.state_dict()):
+        raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
+    with torch.no_grad():
+        segmenter.decoder.load_state_dict(head)
+
+
+def _part(tensors: dict, prefix: str, order: list[str]) -> dict:
+    """The tensors under ``prefix/``, in ``order`` (the model's parameter order, as an uninterrupted run holds
+    them) when they are a subset of it."""
+    found = {n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)}
+    return {n: found[n] for n in order if n in found} if set(found) <= set(order) else found
+
+
+def restore_diagonal_partial(path: Path, info: dict, segmenter: Segmenter, clean: FisherAccumulator,
+                             shifted: FisherAccumulator) -> dict:
+    """Load the sums into ``clean`` and ``shifted`` and the head into ``segmenter.decoder``; return the counters."""
+    tensors, _ = read_tensors(path, "partial", FRESH)
+    order = list(clean.sums)
+    saved_clean, saved_shifted = _part(tensors, "clean/", order), _part(tensors, "shifted/", order)
+    if (set(saved_clean) != set(clean.sums) or set(saved_shifted) != set(shifted.sums)
+            or any(saved_clean[n].shape != clean.sums[n].shape for n in saved_clean)):
+        raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
+    clean.load_state_dict({"sums": saved_clean, "images": info["clean_images"]})
+    shifted.load_state_dict({"sums": saved_shifted, "images": info["shifted_images"]})
+    restore_head(tensors, segmenter, path)
+    return {"next_image": int(info["next_image"]), "shift_magnitude_sum": float(info["shift_magnitude_sum"]),
+            "bad_batches": int(info.get("bad_batches", 0))}
+
+
+def restore_variational_partial(path: Path, info: dict, segmenter: Segmenter, config: ScoreConfig,
+                                scale: float) -> dict:
+    """The ``resume`` argument of ``run_variational`` (and the head) from ``save_variational_partial``'s file."""
+    tensors, _ = read_tensors(path, "partial", FRESH)
+    means = {f"backbone.{n}": p for n, p in segmenter.backbone.named_parameters()}  # what run_variational fits
+    order = list(means)
+    fits = {}
+    for kind, record in info["fits"].items():
+        precision = _part(tensors, f"done_{kind}/", order)
+        if set(precision) != set(means):
+            raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
+        fits[kind] = VariationalResult(precision=precision, relative_change=record["relative_change"],
+                                       fisher=precision_to_fisher(precision, config.gamma, config.tau, scale),
+                                       terms=record["terms"], converged=record["converged"])
+    fit = None
+    if info["fit"] is not None:
+        precision = _part(tensors, "fit_precision/", order)
+        if set(precision) != set(means) or any(precision[n].shape != means[n].shape for n in means):
+            raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
+        fit = {**info["fit"], "precision": precision, "snapshot": _part(tensors, "fit_snapshot/", order),
+               "noise": tensors["fit_noise"]}
+    restore_head(tensors, segmenter, path)
+    return {"phase": info["phase"], "global_step": info["global_step"], "magnitudes": info["magnitudes"],
+            "fits": fits, "fit": fit}
+
+
+def plan_partial(config: ScoreConfig) -> tuple[Path, dict | None]:
+    """Decide what to do with a partial file beside ``config.out``: (its path, its metadata when continuing)."""
+    path = partial_path_for(config.out)
+    exists = path.is_file()
+    if config.resume:
+        if not exists:
+            raise FisherscanError(f"--resume: no partial file {path}; start without --resume")
+    elif not exists:
+        return path, None
+    elif config.overwrite:
+        path.unlink()
+        return path, None
+    info = read_partial_info(path)
+    changed = changed_options(info["options"], options_json(config))
+    if changed:
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        if config.resume:
+            raise FisherscanError(f"--resume: the partial file {path} was made with other options ({shown}); "
+                                  "use the same options, or delete it or pass --overwrite to start afresh")
+        raise FisherscanError(f"{path} holds a stopped run with other options ({shown}); continue it with the same "
+                              "options and --resume, or delete it or pass --overwrite to start afresh")
+    return path, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tune: the checkpoint and the finished run
+
+
+def _optimizers(backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW) -> tuple:
+    return ("opt_backbone", backbone_opt), ("opt_decoder", decoder_opt)
+
+
+def save_checkpoint(path: Path, step: int, segmenter: Segmenter, backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW,
+                    touched: list[str], log_rows: list[dict], manifest: dict, bad_steps: int = 0) -> None:
+    """Everything a resumed run needs, in one safetensors file (tensors) with JSON metadata (scalars)."""
+    backbone = dict(segmenter.backbone.named_parameters())
+    tensors = {f"backbone/{n}": backbone[n] for n in touched}
+    tensors.update({f"decoder/{n}": p for n, p in segmenter.decoder.state_dict().items()})
+    for prefix, optimizer in _optimizers(backbone_opt, decoder_opt):
+        for name in optimizer.params:
+            tensors[f"{prefix}_m/{name}"] = optimizer.exp_avg[name]
+            tensors[f"{prefix}_v/{name}"] = optimizer.exp_avg_sq[name]
+    write_tensors(path, tensors, "checkpoint", {"step": step, "log": log_rows, "options": manifest["options"],
+                                                 "optimizer_steps": [backbone_opt.step_count, decoder_opt.step_count],
+                                                 "bad_steps": bad_steps, "head": manifest.get("head")})
+
+
+def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAdamW, decoder_opt: MaskedAdamW,
+                       touched: list[str], manifest: dict) -> tuple[int, list[dict], dict]:
+    """(step, log rows, the checkpoint's metadata) of ``save_checkpoint``'s file, its tensors loaded in place."""
+    tensors, info = read_tensors(path, "checkpoint", FRESH)
+    expected = {f"backbone/{n}" for n in touched} | {f"decoder/{n}" for n in segmenter.decoder.state_dict()}
+    for prefix, optimizer in _optimizers(backbone_opt, decoder_opt):
+        expected |= {f"{prefix}_{moment}/{n}" for n in optimizer.params for moment in ("m", "v")}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise FisherscanError(f"{path}: {len(set(tensors) - expected)} unexpected and {len(expected - set(tensors))} "
+                              f"missing tensors ({', '.join(odd[:3])}); it is not this run's checkpoint: {FRESH}")
+    changed = changed_options(info["options"], manifest["options"])
+    if changed:
+        raise FisherscanError(f"the checkpoint in {path.parent} was made with other options "
+                              f"({', '.join(changed[:4])}); use the same options, or pass --overwrite to start afresh")
+    backbone = dict(segmenter.backbone.named_parameters())
+    with torch.no_grad():
+        for name in touched:
+            backbone[name].copy_(tensors[f"backbone/{name}"])
+        segmenter.decoder.load_state_dict({n[len("decoder/"):]: v for n, v in tensors.items()
+                                           if n.startswith("decoder/")})
+    for (prefix, optimizer), steps in zip(_optimizers(backbone_opt, decoder_opt), info["optimizer_steps"]):
+        optimizer.load_state_dict({"exp_avg": {n: tensors[f"{prefix}_m/{n}"] for n in optimizer.params},
+                                   "exp_avg_sq": {n: tensors[f"{prefix}_v/{n}"] for n in optimizer.params},
+                                   "step": steps})
+    return int(info["step"]), list(info["log"]), info
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_target(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "loss", "lr", "selected", "selected_fraction"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def save_run(out: Path, segmenter: Segmenter, masks: dict, touched: list[str], manifest: dict, full: bool) -> None:
+    """model.safetensors: decoder/*, backbone/* (touched parameters, or all with ``full``), mask/* (uint8); and
+    manifest.json."""
+    backbone = dict(segmenter.backbone.named_parameters())
+    tensors = {f"decoder/{n}": p for n, p in segmenter.decoder.state_dict().items()}
+    for name in (backbone if full else touched):
+        tensors[f"backbone/{name}"] = backbone[name]
+    for name in touched:
+        tensors[f"mask/{name}"] = masks[name].to(torch.uint8)
+    write_tensors(out / "model.safetensors", tensors, "model", manifest)
+    with atomic_target(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -1,0 +1,176 @@
+"""``fisherscan score`` robustness (diagonal estimator): the resumable partial file, --stop-after / --resume,
+automatic continuation, refusal on changed options, and skipping batches with non-finite gradients.
+
+Tiny on purpose: a randomly initialised ViT-Ti/16 on 8 procedural 48x48 images, 32-pixel crops, batches of 2
+(4 batches), 2 warm-up steps, on the CPU. The oracle for resuming is an uninterrupted run: the scores file (and
+the head) must be the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fisherscan.fisher.engine import HookEngine
+from fisherscan.cli import app
+from fisherscan.scores.file import load_scores
+from fisherscan.data.synthetic import write_dataset
+from conftest import ok, one_error_line
+
+
+IMAGES = 8
+BATCH = 2
+COMMON = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--crop", "32", "--workers", "0",
+          "--warmup-steps", "2", "--batch-size", str(BATCH), "--seed", "0"]
+
+runner = CliRunner()
+
+
+def invoke(data: Path, out: Path, *extra):
+    """Run ``score`` from ``out``'s folder with ``--out`` relative to it, so the metadata (which records the
+    paths) of runs in different folders can be compared byte for byte."""
+    out = Path(out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(out.parent)
+        return runner.invoke(app, [str(a) for a in ["score", *COMMON, "--data", data, "--out", out.name, *extra]])
+
+
+def partial(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".partial.safetensors")
+
+
+def head(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".head.safetensors")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    return write_dataset(root, domains=("source",), images_per_domain=IMAGES, size=(48, 48), seed=5)["source"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "scores.safetensors"
+    ok(invoke(data, out))
+    assert not partial(out).exists()
+    return out
+
+
+def test_stop_then_resume_is_byte_identical(tmp_path, data, uninterrupted):
+    out = tmp_path / "scores.safetensors"
+    stopped = ok(invoke(data, out, "--stop-after", 2, "--save-every", 1))
+    assert "stopped after 2 batches" in stopped.stdout and "--resume" in stopped.stdout
+    assert partial(out).is_file() and not out.exists()
+    assert partial(out).name in stopped.stdout
+
+    resumed = ok(invoke(data, out, "--resume"))
+    assert "continued" in resumed.stdout
+    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert head(out).read_bytes() == head(uninterrupted).read_bytes()
+    assert not partial(out).exists()
+    assert "continued" not in " ".join(load_scores(out)[1]["notes"])  # the file does not say it was continued
+
+
+def test_plain_rerun_continues_automatically_with_a_notice(tmp_path, data, uninterrupted):
+    out = tmp_path / "scores.safetensors"
+    ok(invoke(data, out, "--stop-after", 1))
+    step = ok(invoke(data, out, "--resume", "--stop-after", 1, "--workers", 1))  # a free option may change
+    assert "2 of 4 batches" in step.stdout
+    again = ok(invoke(data, out))
+    assert "note:" in again.stdout and "continued" in again.stdout and "from image 4" in again.stdout
+    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert not partial(out).exists()
+
+
+def test_changed_options_are_refused_and_overwrite_discards(tmp_path, data):
+    out = tmp_path / "scores.safetensors"
+    ok(invoke(data, out, "--stop-after", 1))
+    saved = partial(out).read_bytes()
+
+    one_error_line(invoke(data, out, "--seed", 1), "seed", "--overwrite", partial(out).name)
+    one_error_line(invoke(data, out, "--resume", "--crop", 48), "--resume", "crop")
+    assert partial(out).read_bytes() == saved and not out.exists()
+
+    fresh = ok(invoke(data, out, "--seed", 1, "--overwrite"))
+    assert "continued" not in fresh.stdout
+    assert out.is_file() and not partial(out).exists()
+    assert load_scores(out)[1]["seed"] == 1
+
+    one_error_line(invoke(data, tmp_path / "other.safetensors", "--resume"), "--resume", "partial")
+
+
+@pytest.fixture
+def nan_on_second_batch(monkeypatch):
+    """The engine's squared_gradient_sum returns NaN on its third call: the clean pass of the second batch."""
+    original = HookEngine.squared_gradient_sum
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        sums = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            name = next(iter(sums))
+            sums[name] = sums[name].clone()
+            sums[name].view(-1)[0] = float("nan")
+        return sums
+
+    monkeypatch.setattr(HookEngine, "squared_gradient_sum", patched)
+    return calls
+
+
+def test_non_finite_batch_is_skipped_and_counted(tmp_path, data, nan_on_second_batch):
+    out = tmp_path / "scores.safetensors"
+    result = ok(invoke(data, out, "--max-bad-frac", 0.5))
+    assert "non-finite" in result.stderr
+    scores, meta = load_scores(out)
+    assert meta["bad_batches"] == 1
+    assert meta["images"] == IMAGES - BATCH
+    assert any("non-finite" in note for note in meta["notes"])
+    for kind, by_name in scores.items():
+        for name, value in by_name.items():
+            assert torch.isfinite(value).all(), f"{kind}/{name}"
+    assert math.isfinite(meta["shift"]["weight"])
+
+
+def test_too_many_bad_batches_is_one_error_line(tmp_path, data, nan_on_second_batch):
+    out = tmp_path / "scores.safetensors"
+    one_error_line(invoke(data, out), "--max-bad-frac", "1 of 4 batches")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--save-every", 0), ("--stop-after", 0), ("--max-bad-frac", 1.5)])
+def test_invalid_robustness_options(tmp_path, data, option, value):
+    one_error_line(invoke(data, tmp_path / "s.safetensors", option, value), option)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the variational estimator (Eq. 10-14): its fits are saved every --save-every steps
+
+
+VARIATIONAL = ["--model", "timm:vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2", "--estimator", "variational",
+               "--var-steps", 20, "--save-every", 1]
+
+
+def test_variational_stop_and_continue_is_byte_identical(tmp_path, data):
+    """Stops in the clean fit, exactly between the two fits, and in the shifted fit after its convergence snapshot
+    (step 19 of 20) must all continue to the bytes of an uninterrupted run (the oracle)."""
+    whole = tmp_path / "whole" / "scores.safetensors"
+    whole.parent.mkdir()
+    ok(invoke(data, whole, *VARIATIONAL))
+    out = tmp_path / "stopped" / "scores.safetensors"
+    out.parent.mkdir()
+    first = ok(invoke(data, out, *VARIATIONAL, "--stop-after", 7))
+    assert "7 of 40 variational steps done" in " ".join(first.stdout.split()) and not out.exists()
+    ok(invoke(data, out, *VARIATIONAL, "--resume", "--stop-after", 13))  # global step 20: the clean fit is done
+    ok(invoke(data, out, *VARIATIONAL, "--resume", "--stop-after", 19))  # step 39: shifted fit's snapshot taken
+    again = ok(invoke(data, out, *VARIATIONAL))
+    assert "from variational step 39 of 40" in " ".join(again.stdout.split())
+    assert out.read_bytes() == whole.read_bytes()
+    assert head(out).read_bytes() == head(whole).read_bytes()
+    assert not partial(out).exists()
+    one_error_line(invoke(data, out.with_name("x.safetensors"), *VARIATIONAL, "--resume"), "--resume")
