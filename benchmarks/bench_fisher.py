@@ -20,7 +20,8 @@ GPU run of the issue (ViT-L/16, batch 8, crop 512, bf16 autocast; about 2 minute
 
 CPU run with a tiny ViT (what benchmarks/results/bench_fisher_cpu.json holds):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fisher.py --small --repeats 7 --out benchmarks/results/bench_fisher_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_fisher.py --small --repeats 7 \
+        --out benchmarks/results/bench_fisher_cpu.json
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def main():
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
-        args.arch, args.crop, args.batch, args.kwargs = SMALL["arch"], SMALL["crop"], SMALL["batch"], json.dumps(SMALL["kwargs"])
+        args.arch, args.crop, args.batch = SMALL["arch"], SMALL["crop"], SMALL["batch"]
+        args.kwargs = json.dumps(SMALL["kwargs"])
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -180,8 +182,10 @@ def main():
                   crop=args.crop, batch=args.batch, autocast="bfloat16" if args.bf16 else None, repeats=args.repeats,
                   labels="sampled, one map per image", note=args.note,
                   memory=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                          "peak resident set (VmHWM, reset after building model and batch) minus the resident set then, fresh process"),
-                  timing="median seconds per batch after one warm-up, methods interleaved round by round in one process")
+                          "peak resident set (VmHWM, reset after building model and batch) minus the resident set "
+                          "then, fresh process"),
+                  timing="median seconds per batch after one warm-up, methods interleaved round by round in one "
+                         "process")
     results = {name: {} for name in args.methods.split(",")}
     model, x, y, u = build(args, device)
     runs = {name: method(name, model, x, y, u, torch.bfloat16 if args.bf16 else None) for name in results}
@@ -232,7 +236,8 @@ def main():
             print(f"{name:8s} {value['error']}")
             continue
         print(f"{name:8s} {value['median_seconds']:9.4f} {value.get('time_vs_plain', float('nan')):8.2f} "
-              f"{value.get('peak_over_model_gib', float('nan')):9.3f} {value.get('memory_vs_plain', float('nan')):11.2f}")
+              f"{value.get('peak_over_model_gib', float('nan')):9.3f} "
+              f"{value.get('memory_vs_plain', float('nan')):11.2f}")
     if args.out:
         save_report(args.out, report)
 

@@ -28,8 +28,8 @@ from _common import new_report, pick_device, plain_training_step, save_report, s
 
 from fisherscan.fisher.diagonal import squared_gradient_sum  # noqa: E402
 from fisherscan.fisher.loss import image_loss, sample_labels  # noqa: E402
-from fisherscan.models.logits import upsample_logits  # noqa: E402
 from fisherscan.models.backbone import build_backbone  # noqa: E402
+from fisherscan.models.logits import upsample_logits  # noqa: E402
 from fisherscan.models.segmenter import Segmenter  # noqa: E402
 
 

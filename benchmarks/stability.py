@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from fisherscan.data.labels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fisherscan.data.synthetic import DOMAINS, make_scene  # noqa: E402
 from fisherscan.fisher.diagonal import diagonal_fisher, squared_gradient_sum  # noqa: E402
 from fisherscan.fisher.variational import variational_fisher  # noqa: E402
 from fisherscan.models.groups import CANDIDATE_GROUPS, parameter_groups  # noqa: E402
 from fisherscan.models.segmenter import Segmenter  # noqa: E402
-from fisherscan.data.synthetic import DOMAINS, make_scene  # noqa: E402
 
 SIZE = 64
 

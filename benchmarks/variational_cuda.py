@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import new_report, pick_device, plain_training_step, save_report, sync  # noqa: E402
 
 from fisherscan.fisher.loss import trainable_parameters  # noqa: E402
+from fisherscan.fisher.variational import fit_precision, segmentation_losses  # noqa: E402
 from fisherscan.models.backbone import build_backbone  # noqa: E402
 from fisherscan.models.segmenter import Segmenter  # noqa: E402
-from fisherscan.fisher.variational import fit_precision, segmentation_losses  # noqa: E402
 
 
 def step_timing(device, spec, crop, batch, repeats) -> dict:

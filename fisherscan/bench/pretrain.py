@@ -164,7 +164,8 @@ def pretrained_weights(config: PretrainConfig, cache: Path | None = None, consol
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise FisherscanError(f"--cache {folder}: cannot create it ({error.strerror}); pass a writable --cache") from None
+        raise FisherscanError(f"--cache {folder}: cannot create it ({error.strerror}); pass a writable --cache") \
+            from None
     start, start_cpu = time.perf_counter(), time.process_time()
     with progress_bar(console) as progress:
         state, summary = pretrain_backbone(config, progress)

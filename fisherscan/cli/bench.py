@@ -17,7 +17,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="one seed, short pretraining, few steps (~1 CPU minute; CI)"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds (default 3; 1 with --quick)"),
     cache: Optional[Path] = typer.Option(None, "--cache",
-                                         help="pretrained-backbone cache (default $XDG_CACHE_HOME/fisherscan/proxy_dg)"),
+                                         help="pretrained-backbone cache "
+                                              "(default $XDG_CACHE_HOME/fisherscan/proxy_dg)"),
     work: Optional[Path] = typer.Option(None, "--work", help="data, scores and run folders (default OUT/work)"),
     device: str = typer.Option("cpu", "--device", help="cpu|cuda|auto"),
 ) -> None:

@@ -38,10 +38,10 @@ def eval_command(
                                                             "eval.json) instead of stopping"),
 ) -> None:
     """mIoU per data set (confusion matrix over the whole set, 19 classes) and their mean; JSON and CSV saved."""
-    from ..eval.runs import load_run
+    from ..data.datasets import skipped_note
     from ..eval.evaluate import evaluate_datasets, prepare_datasets, results_table, save_results
     from ..eval.inference import SCORE_AT, check_window, parse_resize
-    from ..data.datasets import skipped_note
+    from ..eval.runs import load_run
     from ..runtime import resolve_device
 
     with user_errors():
@@ -104,6 +104,7 @@ def predict(
         result = predict_images(segmenter, images, out, crop=crop, stride=stride, resize=resize, keep_ratio=keep_ratio,
                                 overlay=overlay, alpha=alpha, device=torch_device, batch_size=batch_size,
                                 console=console)
-        stdout.print(f"{result.images} image{'s' if result.images != 1 else ''} segmented" + (" (with overlays)" if overlay else ""), markup=False,
+        segmented = f"{result.images} image{'s' if result.images != 1 else ''} segmented"
+        stdout.print(segmented + (" (with overlays)" if overlay else ""), markup=False,
                      highlight=False)
         print_paths(("predictions", out))

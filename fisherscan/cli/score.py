@@ -28,7 +28,8 @@ def report_scores(result, out: Path) -> None:
 
 @app.command()
 def score(
-    model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; ?key=value&... passes create_model arguments"),
+    model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; "
+                                                    "?key=value&... passes create_model arguments"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
     out: Path = typer.Option(Path("scores.safetensors"), "--out", help="scores file to write"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="checkpoint (.pth official or .safetensors)"),
@@ -54,32 +55,39 @@ def score(
     tau: float = typer.Option(1e-3, "--tau", help="variational: prior std around the pretrained weights (Eq. 10)"),
     var_steps: int = typer.Option(500, "--var-steps", help="variational: optimisation steps T2 per precision"),
     var_lr: float = typer.Option(0.0, "--var-lr", help="variational: step size (0: running average)"),
-    var_scale: Optional[float] = typer.Option(None, "--var-scale", help="variational: likelihood scale (default: images)"),
+    var_scale: Optional[float] = typer.Option(None, "--var-scale",
+                                              help="variational: likelihood scale (default: images)"),
     perturb_at: int = typer.Option(0, "--perturb-at", help="block whose input tokens get Eq. 6"),
-    normalize: bool = typer.Option(True, "--normalize/--literal", help="FISHERTUNE.md normalisation or the literal Eq. 7"),
-    delta_eps: Optional[float] = typer.Option(None, "--delta-eps", help="Eq. 5 eps (default 1e-3 normalised, 1e-8 literal)"),
+    normalize: bool = typer.Option(True, "--normalize/--literal",
+                                   help="FISHERTUNE.md normalisation or the literal Eq. 7"),
+    delta_eps: Optional[float] = typer.Option(None, "--delta-eps",
+                                              help="Eq. 5 eps (default 1e-3 normalised, 1e-8 literal)"),
     shift_weight: Optional[float] = typer.Option(None, "--shift-weight", help="fixed weight of the domain term"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes"),
-    chunk_size: int = typer.Option(8, "--chunk-size", help="images per chunk of per-image gradient work (bounds memory)"),
+    chunk_size: int = typer.Option(8, "--chunk-size",
+                                   help="images per chunk of per-image gradient work (bounds memory)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (and discard a partial file)"),
-    save_every: int = typer.Option(50, "--save-every", help="save the resumable state every N batches (variational: steps)"),
+    save_every: int = typer.Option(50, "--save-every",
+                                   help="save the resumable state every N batches (variational: steps)"),
     resume: bool = typer.Option(False, "--resume", help="continue from <out stem>.partial.safetensors"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after",
                                              help="stop resumably after N batches of this run (no scores file yet)"),
     max_bad_frac: float = typer.Option(0.1, "--max-bad-frac",
                                        help="stop with an error when more than this fraction of batches has "
                                             "non-finite losses or gradients (such batches are skipped)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs (checked "
-                                                            "before the run, listed in the metadata) instead of stopping"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs "
+                                                            "(checked before the run, listed in the metadata) "
+                                                            "instead of stopping"),
 ) -> None:
     """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
     from ..recipes.config import ScoreConfig
     from ..recipes.score import run_score
 
     with user_errors():
-        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict, layout=layout,
+        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init,
+                             strict=strict, layout=layout,
                              split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder,
                              feature_blocks=parse_blocks(feature_blocks), head=head,
                              warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, estimator=estimator,

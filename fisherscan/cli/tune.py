@@ -35,10 +35,12 @@ def tune(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="preset of a published protocol: rein-512 "
                                          "(options given explicitly override it)"),
     strategy: str = typer.Option("scores", "--strategy",
-                                 help="scores (by --score-kind), fim, delta, drfim, random, random-q/k/v, full, freeze"),
+                                 help="scores (by --score-kind), fim, delta, drfim, random, random-q/k/v, full, "
+                                      "freeze"),
     score_kind: str = typer.Option("drfim", "--score-kind", help="score kind that ranks elements"),
     candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates", help="groups to select from"),
-    delta_min: str = typer.Option("1%", "--delta-min", help="selected fraction of all backbone parameters at the start"),
+    delta_min: str = typer.Option("1%", "--delta-min",
+                                  help="selected fraction of all backbone parameters at the start"),
     delta_max: str = typer.Option("5%", "--delta-max", help="... at the end (Eq. 16)"),
     schedule_t: Optional[float] = typer.Option(None, "--schedule-T", help="Eq. 16 time constant (default steps/3)"),
     lr: float = typer.Option(1e-4, "--lr"),
@@ -64,46 +66,50 @@ def tune(
     max_bad_frac: float = typer.Option(0.1, "--max-bad-frac",
                                        help="stop with an error when more than this fraction of steps has non-finite "
                                             "losses or gradients (such steps are skipped)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs (checked "
-                                                            "before the run, listed in the manifest) instead of stopping"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs "
+                                                            "(checked before the run, listed in the manifest) "
+                                                            "instead of stopping"),
 ) -> None:
     """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
-    from ..recipes.presets import apply_recipe
     from ..recipes.config import TuneConfig
-    from ..recipes.tune import run_tune, trainable_summary
+    from ..recipes.presets import apply_recipe
+    from ..recipes.tune import run_tune
 
     with user_errors():
-        config = TuneConfig(
-            scores=scores, model=model, data=data, out=out, weights=weights, random_init=random_init, strict=strict,
-            layout=layout, split=split, images=images, steps=steps, batch_size=batch_size, accumulate=accumulate, crop=crop,
-            augment=augment, recipe=recipe,
-            strategy=strategy, score_kind=score_kind, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
-            delta_min=parse_fraction(delta_min, "--delta-min"), delta_max=parse_fraction(delta_max, "--delta-max"),
-            schedule_t=schedule_t, lr=lr, weight_decay=weight_decay, decoder=decoder,
-            feature_blocks=parse_blocks(feature_blocks), head=head,
-            warmup_steps=warmup_steps, full_checkpoint=full_checkpoint, resume=resume, save_every=save_every,
-            stop_after=stop_after, eval=tuple(eval or ()), eval_every=eval_every, eval_layout=eval_layout,
-            eval_split=eval_split, eval_crop=eval_crop, eval_stride=eval_stride, seed=seed, device=device,
-            workers=workers, overwrite=overwrite, max_bad_frac=max_bad_frac, skip_bad=skip_bad)
+        config = TuneConfig(**{**ctx.params, "candidates": parse_groups(candidates), "eval": tuple(eval or ()),
+                               "delta_min": parse_fraction(delta_min, "--delta-min"),
+                               "delta_max": parse_fraction(delta_max, "--delta-max"),
+                               "feature_blocks": parse_blocks(feature_blocks)})
         explicit = {name for name in ctx.params  # (by name: typer may carry its own copy of click)
                     if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
         config = apply_recipe(config, explicit)
-        result = run_tune(config, console)
-        if not result.main:  # torchrun: rank 0 reports
-            return
-        for note in result.notes:
-            stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-        if not result.finished:
-            stdout.print(f"stopped after step {len(result.log)} as asked; continue with --resume", markup=False)
-            print_paths(("checkpoint", out / "checkpoint.safetensors"))
-            return
-        stdout.print(trainable_summary(result), markup=False)
-        if result.evaluation is not None:
-            from ..eval.evaluate import results_table
+        report_tune(run_tune(config, console), config)
 
-            stdout.print(results_table(result.evaluation, f"mIoU after {config.steps} steps"))
-        print_paths(("model", out / "model.safetensors"), ("manifest", out / "manifest.json"), ("log", out / "log.csv"),
-                    *((("eval", out / "eval" / "eval.json"),) if result.evaluation is not None else ()))
+
+def report_tune(result, config) -> None:
+    """The notes, the trainable summary, the evaluation table and the paths of a tune run (rank 0 only)."""
+    from ..eval.evaluate import results_table
+    from ..recipes.tune import trainable_summary
+
+    if not result.main:  # torchrun: rank 0 reports
+        return
+    out = config.out
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if not result.finished:
+        stdout.print(f"stopped after step {len(result.log)} as asked; continue with --resume", markup=False)
+        print_paths(("checkpoint", out / "checkpoint.safetensors"))
+        return
+    stdout.print(trainable_summary(result), markup=False)
+    if result.evaluation is not None:
+        stdout.print(results_table(result.evaluation, f"mIoU after {config.steps} steps"))
+    print_paths(("model", out / "model.safetensors"), ("manifest", out / "manifest.json"), ("log", out / "log.csv"),
+                *((("eval", out / "eval" / "eval.json"),) if result.evaluation is not None else ()))
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """'Q,K,V,FFN' -> ('Q', 'K', 'V', 'FFN') for --candidates."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
 @app.command()
@@ -122,7 +128,7 @@ def mask(
 
     with user_errors():
         selected, total = write_mask(scores, out, parse_fraction(budget, "--budget"), strategy, score_kind,
-                                     tuple(c.strip() for c in candidates.split(",") if c.strip()), seed, overwrite)
+                                     parse_groups(candidates), seed, overwrite)
         stdout.print(f"{selected:,} of {total:,} backbone elements selected ({selected / max(total, 1):.2%})",
                      markup=False)
         print_paths(("mask", out))

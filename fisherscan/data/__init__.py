@@ -5,8 +5,16 @@
 (procedural street scenes in several visual styles, for the demo, the benchmark and the tests).
 """
 
-from .datasets import (EpochSampler, SegmentationDataset, check_pairs, load_pair, make_loader, padded_size,
-                       skipped_note, validate_pairs)
+from .datasets import (
+                       EpochSampler,
+                       SegmentationDataset,
+                       check_pairs,
+                       load_pair,
+                       make_loader,
+                       padded_size,
+                       skipped_note,
+                       validate_pairs,
+)
 from .labels import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, label_lut
 from .layouts import LAYOUTS, Pair, detect_layout, find_pairs, select_images
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 
-from .labels import IGNORE_INDEX
 from ..rng import keyed_seed
+from .labels import IGNORE_INDEX
 
 
 def random_resize(image: np.ndarray, label: np.ndarray, scale: tuple[int, int] | None,

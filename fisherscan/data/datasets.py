@@ -20,6 +20,7 @@ from .augment import augment_rng
 from .labels import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, label_lut
 from .layouts import Pair
 
+
 def _one_line(exc: Exception) -> str:
     """An exception as one line of text."""
     text = " ".join(str(exc).split())

@@ -19,13 +19,16 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     run_dir = Path(run_dir)
     model_path = run_dir / "model.safetensors"
     if not run_dir.is_dir():
-        raise FisherscanError(f"--checkpoint {run_dir}: folder not found; pass a run folder written by 'fisherscan tune'")
+        raise FisherscanError(f"--checkpoint {run_dir}: folder not found; pass a run folder written by "
+                              "'fisherscan tune'")
     if not model_path.is_file():
-        raise FisherscanError(f"--checkpoint {run_dir}: no model.safetensors; pass a folder written by 'fisherscan tune'")
+        raise FisherscanError(f"--checkpoint {run_dir}: no model.safetensors; pass a folder written by "
+                              "'fisherscan tune'")
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text())
     except (OSError, ValueError, UnicodeDecodeError):
-        raise FisherscanError(f"--checkpoint {run_dir}: manifest.json is missing or damaged; tune the run again") from None
+        raise FisherscanError(f"--checkpoint {run_dir}: manifest.json is missing or damaged; tune the run "
+                              "again") from None
     if weights is not None and not Path(weights).is_file():
         raise FisherscanError(f"--weights {weights}: no such file; pass the base weights the run was tuned from")
     base = weights if weights is not None else (Path(manifest["weights"]) if manifest.get("weights") and
@@ -48,5 +51,6 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
             kind, _, name = key.partition("/")
             if kind == "backbone":
                 own[name].copy_(value)
-        segmenter.decoder.load_state_dict({k[len("decoder/"):]: v for k, v in tensors.items() if k.startswith("decoder/")})
+        segmenter.decoder.load_state_dict({k[len("decoder/"):]: v for k,
+                                           v in tensors.items() if k.startswith("decoder/")})
     return segmenter.to(device).eval(), manifest

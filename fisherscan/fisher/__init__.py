@@ -7,7 +7,7 @@ rules at about the cost of a training step), ``vmap`` (the reference path), ``di
 
 from ..models.logits import upsample_logits
 from .diagonal import ENGINES, FisherAccumulator, diagonal_fisher, make_engine, squared_gradient_sum
-from .drfim import delta_fisher, default_delta_eps, dr_fim, dr_fim_terms, fisher_scale, shift_weight
+from .drfim import default_delta_eps, delta_fisher, dr_fim, dr_fim_terms, fisher_scale, shift_weight
 from .engine import HookEngine
 from .loss import LABEL_MODES, image_loss, labelled_loss, sample_labels, trainable_parameters
 from .perturb import TokenShift, perturb_statistics

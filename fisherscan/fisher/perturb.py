@@ -71,7 +71,8 @@ def perturb_statistics(tokens: torch.Tensor, generator: torch.Generator | None =
     spread_mu, spread_sigma = statistic_spread(mu, sigma)
     eps_mu, eps_sigma = draw_eps(tokens.shape[0], tokens.shape[-1], generator)
     eps_mu, eps_sigma = eps_mu.to(tokens.device), eps_sigma.to(tokens.device)
-    perturbed, _ = shift_statistics(tokens, eps_mu, eps_sigma, spread_mu.to(tokens.dtype), spread_sigma.to(tokens.dtype))
+    perturbed, _ = shift_statistics(tokens, eps_mu, eps_sigma, spread_mu.to(tokens.dtype),
+                                    spread_sigma.to(tokens.dtype))
     return perturbed, eps_mu, eps_sigma
 
 

@@ -11,7 +11,8 @@
   log-likelihoods log(s_c / sum_c s_c) at the input size, and it trains with the matched set loss.
   ``mask2former?num_queries=4&...`` changes head options (``fisherscan.models.decoders.mask2former.OPTIONS``).
 
-``forward(x, y)`` (so DistributedDataParallel sees it) is the decoder's training loss: the mean pixel cross-entropy (Eq. 1) for ``linear``/``multilevel``, the matched set loss for ``mask2former``.
+``forward(x, y)`` (so DistributedDataParallel sees it) is the decoder's training loss: the mean pixel cross-entropy
+(Eq. 1) for ``linear``/``multilevel``, the matched set loss for ``mask2former``.
 """
 
 from __future__ import annotations

@@ -97,12 +97,14 @@ def check_config(config: ScoreConfig) -> None:
         raise FisherscanError("--gamma and --tau must be > 0, --var-steps >= 1 and 0 <= --var-lr < 1")
     if config.labels not in LABEL_MODES:
         raise FisherscanError(f"--labels {config.labels}: use one of {', '.join(LABEL_MODES)}")
-    for option, value in (("--batch-size", config.batch_size), ("--crop", config.crop), ("--chunk-size", config.chunk_size)):
+    for option, value in (("--batch-size", config.batch_size), ("--crop", config.crop), ("--chunk-size",
+                                                                                         config.chunk_size)):
         if value < 1:
             raise FisherscanError(f"{option} {value}: must be at least 1")
     if config.warmup_steps < 0:
         raise FisherscanError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
-    if config.head is None and config.warmup_steps > 0 and not (math.isfinite(config.warmup_lr) and config.warmup_lr > 0):
+    warmup_lr_ok = math.isfinite(config.warmup_lr) and config.warmup_lr > 0
+    if config.head is None and config.warmup_steps > 0 and not warmup_lr_ok:
         raise FisherscanError(f"--warmup-lr {config.warmup_lr}: must be a finite number > 0")
     if config.shift_weight is not None and not (math.isfinite(config.shift_weight) and config.shift_weight >= 0):
         raise FisherscanError(f"--shift-weight {config.shift_weight}: must be a finite number >= 0")
@@ -118,7 +120,8 @@ def check_config(config: ScoreConfig) -> None:
         raise FisherscanError(f"--max-bad-frac {config.max_bad_frac}: must lie in [0, 1]")
     if Path(config.out).exists() and not config.overwrite:
         raise FisherscanError(f"--out {config.out} exists; pass --overwrite to replace it or choose another --out")
-    if str(config.out).endswith((".head.safetensors", ".partial.safetensors")) or not str(config.out).endswith(".safetensors"):
+    if str(config.out).endswith((".head.safetensors",
+                                 ".partial.safetensors")) or not str(config.out).endswith(".safetensors"):
         raise FisherscanError(f"--out {config.out}: name the scores file <name>.safetensors")
     if not Path(config.out).resolve().parent.is_dir():
         raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} does not exist; create it first")
@@ -232,7 +235,8 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
     try:
         delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps)
     except ValueError:
-        raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") from None
+        raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") \
+            from None
     scores = {"fim": f_clean, "fim_shift": f_shift, "delta": delta, "drfim": drfim}
     terms = {"normalization": {"mode": "candidate-mean" if config.normalize else "none", "scale": scale},
              "delta_eps": eps,

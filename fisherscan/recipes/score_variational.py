@@ -22,7 +22,8 @@ from .config import ScoreConfig
 from .score_loop import Estimate, label_uniforms, patch_tokens_at, prepare_shift
 
 
-def cycle(dataset, batch_size: int, workers: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[int]]]:
+def cycle(dataset, batch_size: int, workers: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
+                                                                                    list[int]]]:
     """(visit, x, y, indices) for ever in dataset order from batch ``start`` on (no batch is held in memory)."""
     visit, skip = divmod(start, math.ceil(len(dataset) / batch_size))
     while True:

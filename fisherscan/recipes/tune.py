@@ -110,7 +110,8 @@ def check_config(config: TuneConfig) -> None:
         raise FisherscanError(f"--out {out} is a file; pass a folder for the run")
     finished = (out / "model.safetensors").exists()
     if finished and not config.overwrite and not config.resume:
-        raise FisherscanError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another --out")
+        raise FisherscanError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another "
+                              "--out")
     if config.resume and not (out / "checkpoint.safetensors").exists():
         raise FisherscanError(f"--resume: {out} has no checkpoint.safetensors; start without --resume")
     if not (math.isfinite(config.max_bad_frac) and 0 <= config.max_bad_frac <= 1):

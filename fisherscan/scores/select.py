@@ -31,7 +31,8 @@ STRATEGIES = ("scores", "full", "freeze", "random", "random-q", "random-k", "ran
 SCORE_STRATEGIES = ("fim", "delta", "drfim")
 
 
-def selected_fraction(step: int, steps: int, delta_min: float, delta_max: float, schedule_t: float | None = None) -> float:
+def selected_fraction(step: int, steps: int, delta_min: float, delta_max: float,
+                      schedule_t: float | None = None) -> float:
     """Eq. 16 as decided: f(0) = delta_min, f(steps) = delta_max exactly, growing like 1 - exp(-t/T)."""
     if steps <= 0 or delta_max == delta_min:
         return delta_max
@@ -82,7 +83,8 @@ def selection_order(scores: dict[str, dict[str, torch.Tensor]], strategy: str,
     return names, eligible[torch.randperm(eligible.numel(), generator=generator)]
 
 
-def mask_from_order(names: list[str], shapes: dict[str, torch.Size], order: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+def mask_from_order(names: list[str], shapes: dict[str, torch.Size], order: torch.Tensor,
+                    count: int) -> dict[str, torch.Tensor]:
     """Boolean masks by parameter: True for the first ``count`` elements of ``order``."""
     flat = torch.zeros(sum(math.prod(shapes[n]) for n in names), dtype=torch.bool)
     flat[order[:count]] = True

@@ -14,11 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 import fisherscan.bench.demo
-from fisherscan.cli import app
 from fisherscan.bench.demo import DEMO_MODEL
-from fisherscan.scores.file import load_scores
-from fisherscan.recipes.score import ScoreResult
+from fisherscan.cli import app
 from fisherscan.data.synthetic import DOMAINS
+from fisherscan.recipes.score import ScoreResult
+from fisherscan.scores.file import load_scores
 
 IMAGES = 8
 
@@ -50,7 +50,7 @@ def test_demo_command_exits_0_and_prints_the_output_paths(demo_run):
     lines = result.stdout.splitlines()
     for label, path in (("scores:", out / "scores.safetensors"), ("head:", out / "scores.head.safetensors"),
                         ("table:", out / "scores.groups.csv"), ("data:", out / "data")):
-        line = next((l for l in lines if l.startswith(label)), None)
+        line = next((row for row in lines if row.startswith(label)), None)
         assert line is not None, result.stdout
         assert line.split()[1] == str(path), line
 

@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fisherscan.cli import app
-from fisherscan.models.backbone import build_backbone
 from fisherscan.bench.pretrain import COARSE_NAMES, MODEL, PretrainConfig, cache_dir, coarse_labels, pretrained_weights
 from fisherscan.bench.proxy_dg import STRATEGIES, TUNED, UNSEEN, benchmark_config, mean_std
-from fisherscan.scores.file import load_scores
+from fisherscan.cli import app
 from fisherscan.data.scenes import CLASSES, scene_layout
 from fisherscan.data.synthetic import DOMAINS
+from fisherscan.models.backbone import build_backbone
+from fisherscan.scores.file import load_scores
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_quick_exits_0_and_prints_table_verdict_and_paths(quick):
     assert "mIoU (%) on held-out scenes" in result.stdout
     assert "DR-FIM" in result.stdout and "FIM" in result.stdout and "random" in result.stdout
     for label, name in (("json:", "proxy_dg.json"), ("csv:", "proxy_dg.csv"), ("plot:", "proxy_dg.png")):
-        line = next(l for l in result.stdout.splitlines() if l.startswith(label))
+        line = next(row for row in result.stdout.splitlines() if row.startswith(label))
         assert line.split()[1] == str(quick["out"] / name)
 
 
@@ -170,7 +170,8 @@ def test_quick_and_full_settings():
 
 @pytest.mark.parametrize("args, fragment", [(["--seeds", "0"], "--seeds 0"), (["--device", "tpu"], "--device tpu")])
 def test_option_mistakes_are_one_red_line(tmp_path, args, fragment):
-    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "o"), "--cache", str(tmp_path), *args])
+    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "o"), "--cache", str(tmp_path),
+                                      *args])
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.safetensors"))  # nothing was pretrained

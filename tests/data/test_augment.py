@@ -8,7 +8,17 @@ import colorsys
 import numpy as np
 import pytest
 
-from fisherscan.data.augment import Augmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, augment_rng, cat_max_crop, photometric_distortion, random_resize
+from fisherscan.data.augment import (
+    Augmentation,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    augment_rng,
+    cat_max_crop,
+    photometric_distortion,
+    random_resize,
+)
 from fisherscan.data.datasets import SegmentationDataset, load_pair
 from fisherscan.data.layouts import find_pairs
 from fisherscan.data.synthetic import write_dataset

@@ -9,7 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from fisherscan.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, load_pair, make_loader, padded_size, validate_pairs
+from fisherscan.data.datasets import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationDataset,
+    load_pair,
+    make_loader,
+    padded_size,
+    validate_pairs,
+)
 from fisherscan.data.labels import CITYSCAPES_LABELID_TO_TRAINID, MAPILLARY_TO_TRAINID, label_lut
 from fisherscan.data.layouts import LAYOUTS, Pair, detect_layout, find_pairs, select_images
 from fisherscan.errors import FisherscanError

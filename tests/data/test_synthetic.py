@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from fisherscan.errors import FisherscanError
 from fisherscan.data.scenes import CLASSES, scene_layout
 from fisherscan.data.synthetic import DOMAINS, make_scene, render_scene, write_dataset
+from fisherscan.errors import FisherscanError
 
 SIZE = (128, 128)
 N = 32
@@ -36,7 +35,8 @@ def _high_frequency_energy(img):
 
 
 def test_api_constants():
-    assert CLASSES == {0: "road", 1: "sidewalk", 2: "building", 5: "pole", 8: "vegetation", 10: "sky", 11: "person", 13: "car"}
+    assert CLASSES == {0: "road", 1: "sidewalk", 2: "building", 5: "pole", 8: "vegetation", 10: "sky", 11: "person",
+                       13: "car"}
     assert DOMAINS == ("source", "fog", "night", "colour", "blur")
 
 

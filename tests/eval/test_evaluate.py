@@ -19,21 +19,28 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import ok, tiny_segmenter
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import ok, tiny_segmenter
 from fisherscan.cli import app
+from fisherscan.data.synthetic import write_dataset
 from fisherscan.errors import FisherscanError
 from fisherscan.eval.evaluate import evaluate_datasets
-from fisherscan.eval.inference import infer_logits, normalisation, parse_resize, resized_shape, slide_logits, window_starts
+from fisherscan.eval.inference import (
+    infer_logits,
+    normalisation,
+    parse_resize,
+    resized_shape,
+    slide_logits,
+    window_starts,
+)
 from fisherscan.eval.predict import CITYSCAPES_PALETTE
-from fisherscan.scores.file import save_scores
-from fisherscan.data.synthetic import write_dataset
 from fisherscan.eval.runs import load_run
 from fisherscan.recipes.config import TuneConfig
 from fisherscan.recipes.tune import run_tune
+from fisherscan.scores.file import save_scores
 
 MODEL = "timm:vit_tiny_patch16_224"
 VIT_TINY_MEAN = VIT_TINY_STD = (0.5, 0.5, 0.5)  # timm's pretrained_cfg of vit_tiny_patch16_224

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from fisherscan.eval.metrics import CITYSCAPES_CLASSES, ConfusionAccumulator, confusion_matrix, iou_from_confusion, mean_iou
+from fisherscan.eval.metrics import (
+    CITYSCAPES_CLASSES,
+    ConfusionAccumulator,
+    confusion_matrix,
+    iou_from_confusion,
+    mean_iou,
+)
 
 LABEL = np.array([[0, 3, 1, 255],
                   [0, 2, 1, 255],

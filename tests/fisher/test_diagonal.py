@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import IGNORE, OracleShift, assert_close_dicts, batch, brute_force_fisher, tiny_segmenter
 
 from fisherscan.fisher.diagonal import FisherAccumulator, diagonal_fisher, squared_gradient_sum
 from fisherscan.fisher.drfim import delta_fisher, dr_fim, fisher_scale
 from fisherscan.fisher.perturb import TokenShift
 
-from conftest import IGNORE, OracleShift, assert_close_dicts, batch, brute_force_fisher, tiny_segmenter
 
 @pytest.mark.parametrize("engine", ["hooks", "vmap"])
 @pytest.mark.parametrize("labels", ["given", "sampled"])

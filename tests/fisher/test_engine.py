@@ -8,14 +8,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import IGNORE, OracleShift, assert_close_dicts, brute_force_fisher
 from torch import nn
 
 from fisherscan.fisher.diagonal import squared_gradient_sum
+from fisherscan.fisher.engine import FALLBACK, RECOMPUTE, UNUSED, HookEngine
 from fisherscan.fisher.loss import trainable_parameters
-from fisherscan.fisher.engine import FALLBACK, HookEngine, RECOMPUTE, UNUSED
 from fisherscan.fisher.perturb import TokenShift
-
-from conftest import IGNORE, OracleShift, assert_close_dicts, brute_force_fisher
 
 # family -> (timm architecture, reduced create_model kwargs); depth 2, width 32, tiny images
 FAMILIES = {
@@ -77,7 +76,8 @@ def oracle(name, model, batches, uniforms=None, hook=None):
     finally:
         for p in unused:
             p.requires_grad_(True)
-    return {**fisher, **{n: torch.zeros_like(p) for n, p in model.named_parameters() if n in EXPECTED_UNUSED.get(name, ())}}
+    return {**fisher, **{n: torch.zeros_like(p) for n,
+                         p in model.named_parameters() if n in EXPECTED_UNUSED.get(name, ())}}
 
 
 def images(size: int, b: int = 3, seed: int = 0):

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import torch
-
-from fisherscan.fisher.perturb import TokenShift, block_input, channel_statistics, perturb_statistics, shift_statistics, statistic_spread
-
 from conftest import tiny_segmenter
+
+from fisherscan.fisher.perturb import (
+    TokenShift,
+    block_input,
+    channel_statistics,
+    perturb_statistics,
+    shift_statistics,
+    statistic_spread,
+)
 
 
 def tokens(b=4, n=50, c=6, seed=0):

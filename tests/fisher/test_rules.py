@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timm.layers import LayerNorm as TimmLayerNorm, LayerNorm2d, LayerScale, resample_abs_pos_embed_nhwc
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import LayerNorm2d, LayerScale, resample_abs_pos_embed_nhwc
 from torch import nn
 
 from fisherscan.fisher import rules

@@ -7,8 +7,7 @@ import math
 
 import torch
 
-from fisherscan.fisher.variational import variational_fisher
-from fisherscan.fisher.variational import fit_precision, kl_to_prior, precision_to_fisher
+from fisherscan.fisher.variational import fit_precision, kl_to_prior, precision_to_fisher, variational_fisher
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,5 +144,6 @@ def test_stopped_fit_continues_bit_identically():
     assert fit(checkpoint=stop_at(5)) is None and saved["step"] == 5 and not saved["snapshot"]
     assert fit(state=dict(saved), checkpoint=stop_at(19)) is None and saved["snapshot"]
     resumed = fit(state=dict(saved))
-    assert torch.equal(resumed.precision["w"], whole.precision["w"]) and torch.equal(resumed.fisher["w"], whole.fisher["w"])
+    assert torch.equal(resumed.precision["w"], whole.precision["w"]) and torch.equal(resumed.fisher["w"],
+                                                                                     whole.fisher["w"])
     assert resumed.relative_change == whole.relative_change and resumed.history == whole.history

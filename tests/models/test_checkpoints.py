@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fisherscan.errors import FisherscanError
 from fisherscan.models import backbone as backbone_module
 from fisherscan.models import checkpoints, registry
-from fisherscan.errors import FisherscanError
 from fisherscan.models.backbone import build_backbone
 from fisherscan.models.checkpoints import resolve_weights
 
@@ -467,7 +467,8 @@ def test_models_command_lists_names_files_and_counts(hub_home, monkeypatch):
 
     from fisherscan.cli import app
 
-    monkeypatch.setattr(backbone_module, "REGISTRY", {k: registry.REGISTRY[k] for k in ("dinov2_vitl14", "clip_vitl14")})
+    monkeypatch.setattr(backbone_module, "REGISTRY", {k: registry.REGISTRY[k] for k in ("dinov2_vitl14",
+                                                                                        "clip_vitl14")})
     checkpoints = hub_home / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "ViT-L-14.pt").write_bytes(b"x")
@@ -476,8 +477,9 @@ def test_models_command_lists_names_files_and_counts(hub_home, monkeypatch):
     assert result.exit_code == 0, result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│")}
     assert set(lines) == {"dinov2_vitl14", "clip_vitl14"}
-    assert "vit_large_patch14_dinov2" in lines["dinov2_vitl14"] and "dinov2_vitl14_pretrain.pth" in lines["dinov2_vitl14"]
-    assert "vit_large_patch14_clip_quickgelu_224.openai" in lines["clip_vitl14"] and "ViT-L-14.pt" in lines["clip_vitl14"]
+    dinov2, clip = lines["dinov2_vitl14"], lines["clip_vitl14"]
+    assert "vit_large_patch14_dinov2" in dinov2 and "dinov2_vitl14_pretrain.pth" in dinov2
+    assert "vit_large_patch14_clip_quickgelu_224.openai" in clip and "ViT-L-14.pt" in clip
     assert "found" in lines["clip_vitl14"] and "found" not in lines["dinov2_vitl14"]
     d, h = 1024, 4096
     candidates = 24 * (3 * (d * d + d) + 2 * d * h + h + d)

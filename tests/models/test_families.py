@@ -23,19 +23,19 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
 from fisherscan.cli import app
+from fisherscan.data.synthetic import write_dataset
 from fisherscan.errors import FisherscanError
 from fisherscan.models.backbone import build_backbone
-from fisherscan.models.registry import REGISTRY
 from fisherscan.models.checkpoints import read_state_dict
 from fisherscan.models.families import mae_sincos_table
+from fisherscan.models.registry import REGISTRY
 from fisherscan.models.segmenter import Segmenter
-from fisherscan.data.synthetic import write_dataset
 from fisherscan.models.torchscript import read_torchscript_tensors
 
 SMALL = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -208,7 +208,8 @@ def test_registry_names_the_timm_architectures_of_checkpoints_md():
              "mae_vith14": "vit_huge_patch14_224.mae", "mae_vitl16": "vit_large_patch16_224.mae",
              "mae_vitb16": "vit_base_patch16_224.mae"}
     files = {"dinov2_vitl14": "dinov2_vitl14_pretrain.pth", "eva02_vitl14": "eva02_L_pt_m38m_p14.pt",
-             "clip_vitl14": "ViT-L-14.pt", "sam_vith16": "sam_vit_h_4b8939.pth", "mae_vith14": "mae_pretrain_vit_huge.pth"}
+             "clip_vitl14": "ViT-L-14.pt", "sam_vith16": "sam_vit_h_4b8939.pth",
+             "mae_vith14": "mae_pretrain_vit_huge.pth"}
     for name, timm_name in table.items():
         assert REGISTRY[name].timm_name == timm_name
     for name, file in files.items():
@@ -311,7 +312,8 @@ def test_sam_patch_tokens_are_the_last_blocks_without_neck(official_files):
     with torch.no_grad():
         last = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
     assert grid == (2, 3) and tokens.shape == (2, 6, 32)  # the width of the blocks, not the neck's 256
-    torch.testing.assert_close(tokens, last.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)  # N(0, 1) weights: large values
+    torch.testing.assert_close(tokens, last.flatten(2).transpose(1, 2), rtol=1e-4,
+                               atol=1e-4)  # N(0, 1) weights: large values
 
 
 # ---- safety: nothing in a checkpoint runs --------------------------------------------------------------
@@ -418,10 +420,10 @@ def test_score_strict_and_no_strict(official_files, tiny_data, tmp_path):
 
 def test_tune_never_touches_the_mae_position_table(official_files, tiny_data, tmp_path):
     """Tuning every element of every group, embed included: cls_token moves, the sin-cos table cannot."""
-    from fisherscan.scores.file import save_scores
     from fisherscan.eval.runs import load_run
     from fisherscan.recipes.config import TuneConfig
     from fisherscan.recipes.tune import run_tune
+    from fisherscan.scores.file import save_scores
 
     path, expected = official_files["mae"]
     spec = spec_of("mae")

@@ -14,8 +14,17 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from fisherscan.models.groups import CANDIDATE_GROUPS, GROUPS, GroupSlice, block_index, candidate_mask, candidate_names, group_slices, parameter_groups
 from fisherscan.models.backbone import create_architecture, meta_architecture
+from fisherscan.models.groups import (
+    CANDIDATE_GROUPS,
+    GROUPS,
+    GroupSlice,
+    block_index,
+    candidate_mask,
+    candidate_names,
+    group_slices,
+    parameter_groups,
+)
 from fisherscan.models.registry import REGISTRY
 
 DEPTH = 2

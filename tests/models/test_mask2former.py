@@ -16,21 +16,21 @@ from typer.testing import CliRunner
 
 pytest.importorskip("transformers")
 
-from fisherscan.cli import app  # noqa: E402
-from fisherscan.errors import FisherscanError  # noqa: E402
-from fisherscan.fisher.diagonal import squared_gradient_sum  # noqa: E402
-from fisherscan.models.decoders.blocks import rein_blocks as feature_blocks  # noqa: E402
-from fisherscan.models.decoders.mask2former import ViTNeck, semantic_log_probs, semantic_scores, semantic_targets  # noqa: E402
-from fisherscan.models.backbone import build_backbone  # noqa: E402
-from fisherscan.scores.file import load_scores  # noqa: E402
-from fisherscan.models.heads import load_head, save_head  # noqa: E402
-from fisherscan.models.segmenter import Segmenter  # noqa: E402
-from fisherscan.data.synthetic import write_dataset  # noqa: E402
-from fisherscan.eval.runs import load_run  # noqa: E402
-from fisherscan.recipes.config import TuneConfig  # noqa: E402
-from fisherscan.recipes.tune import run_tune  # noqa: E402
 from conftest import write_random_scores
 
+from fisherscan.cli import app  # noqa: E402
+from fisherscan.data.synthetic import write_dataset  # noqa: E402
+from fisherscan.errors import FisherscanError  # noqa: E402
+from fisherscan.eval.runs import load_run  # noqa: E402
+from fisherscan.fisher.diagonal import squared_gradient_sum  # noqa: E402
+from fisherscan.models.backbone import build_backbone  # noqa: E402
+from fisherscan.models.decoders.blocks import rein_blocks as feature_blocks  # noqa: E402
+from fisherscan.models.decoders.mask2former import ViTNeck, semantic_log_probs, semantic_scores, semantic_targets  # noqa: E402
+from fisherscan.models.heads import load_head, save_head  # noqa: E402
+from fisherscan.models.segmenter import Segmenter  # noqa: E402
+from fisherscan.recipes.config import TuneConfig  # noqa: E402
+from fisherscan.recipes.tune import run_tune  # noqa: E402
+from fisherscan.scores.file import load_scores  # noqa: E402
 
 TINY = "mask2former?num_queries=4&train_num_points=64&encoder_layers=1&decoder_layers=2&hidden_dim=64"
 MODEL = "timm:vit_tiny_patch16_224?depth=4&embed_dim=64&num_heads=2"
@@ -69,7 +69,8 @@ def test_neck_strides_and_shapes(patch, side, grid):
 
 
 def test_feature_blocks_rein_and_override():
-    assert feature_blocks(24) == [7, 11, 15, 23] and feature_blocks(12) == [2, 5, 8, 11] and feature_blocks(4) == [0, 1, 2, 3]
+    assert feature_blocks(24) == [7, 11, 15, 23] and feature_blocks(12) == [2, 5, 8, 11]
+    assert feature_blocks(4) == [0, 1, 2, 3]
     assert tiny(depth=24, width=32).decoder.blocks == [7, 11, 15, 23]
     torch.manual_seed(0)
     assert Segmenter(vit(16, depth=6), 5, TINY, feature_blocks=[1, 2, 3, 5]).decoder.blocks == [1, 2, 3, 5]
@@ -174,7 +175,8 @@ def test_head_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data"), domains=("source",), images_per_domain=3, size=(40, 40))["source"]
+    return write_dataset(tmp_path_factory.mktemp("data"), domains=("source",), images_per_domain=3, size=(40,
+                                                                                                          40))["source"]
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def test_head_round_trip_and_mismatch(tmp_path):
     other = Segmenter(vit(), 19, "linear")
     info = load_head(path, other)
     assert info["model"] == "tiny" and info["decoder"] == "linear"
-    assert all(torch.equal(a, b) for a, b in zip(model.decoder.state_dict().values(), other.decoder.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.decoder.state_dict().values(),
+                                                 other.decoder.state_dict().values()))
     with pytest.raises(FisherscanError, match="does not fit"):
         load_head(path, Segmenter(vit(dim=64), 19, "linear"))
     with pytest.raises(FisherscanError, match="no such file"):

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
+from conftest import write_random_scores
 from safetensors.torch import load_file
 
-from fisherscan.scores.file import save_scores
-from fisherscan.models.backbone import build_backbone
 from fisherscan.data.synthetic import write_dataset
-
-from conftest import write_random_scores
+from fisherscan.models.backbone import build_backbone
+from fisherscan.scores.file import save_scores
 
 MODEL = "timm:vit_tiny_patch16_224"
 
@@ -40,7 +39,8 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert double.returncode == 0, double.stderr[-2000:]
     assert double.stdout.count("model:") == 1, double.stdout  # rank 0 reports, once
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert set(one) == set(two)
     # Adam divides by sqrt(v): elements with near-zero gradients amplify float rounding of the all-reduce, so allow
     # a tenth of one lr step anywhere and 1e-5 almost everywhere; wrong sharding or averaging moves most elements
@@ -60,7 +60,8 @@ def test_two_ranks_tune_the_mask2former_head(tmp_path):
     source = write_dataset(tmp_path / "data", domains=("source",), images_per_domain=4, size=(48, 48))["source"]
     write_random_scores(tmp_path / "scores.safetensors", model, 4)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "fisherscan", "tune", "--scores", str(tmp_path / "scores.safetensors"), "--model", model,
+                          "-m", "fisherscan", "tune", "--scores", str(tmp_path / "scores.safetensors"), "--model",
+                          model,
                           "--random-init", "--data", str(source), "--decoder", head, "--crop", "32", "--steps", "3",
                           "--batch-size", "1", "--warmup-steps", "0", "--workers", "0", "--device", "cpu",
                           "--out", str(tmp_path / "two")],

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ok, one_error_line, write_random_scores
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -35,13 +36,11 @@ import fisherscan
 import fisherscan.models.segmenter
 import fisherscan.recipes.tune
 from fisherscan.cli import app
-from fisherscan.io import read_tensors
-from fisherscan.runtime import DELAY_VARIABLE
-from fisherscan.models.backbone import build_backbone
-from fisherscan.scores.file import load_scores, save_scores
 from fisherscan.data.synthetic import write_dataset
-from conftest import ok, one_error_line, write_random_scores
-
+from fisherscan.io import read_tensors
+from fisherscan.models.backbone import build_backbone
+from fisherscan.runtime import DELAY_VARIABLE
+from fisherscan.scores.file import load_scores, save_scores
 
 MODEL = "timm:vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2"
 IMAGES = 8
@@ -199,7 +198,8 @@ def wrong_scores(tmp_path_factory, scores_file) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("wrong")
     missing = {k: {n: v for n, v in by.items() if n != "blocks.1.attn.qkv.weight"} for k, by in scores.items()}
     shape = {k: {**by, "norm.weight": torch.ones(7)} for k, by in scores.items()}
-    files = {"missing": (missing, meta), "shape": (shape, meta), "other model": (scores, {**meta, "model": "dinov2_vits14"})}
+    files = {"missing": (missing, meta), "shape": (shape, meta), "other model": (scores, {**meta,
+                                                                                          "model": "dinov2_vits14"})}
     for name, (kinds, info) in files.items():
         save_scores(folder / f"{name}.safetensors", kinds, info)
     return {name: folder / f"{name}.safetensors" for name in files}

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from fisherscan.cli import app
 from fisherscan.errors import FisherscanError
-from fisherscan.recipes.presets import apply_recipe
 from fisherscan.recipes.config import TuneConfig
+from fisherscan.recipes.presets import apply_recipe
 
 MODEL = "timm:vit_tiny_patch16_224?depth=2"
 PROTOCOL = {"decoder": "mask2former", "crop": 512, "batch_size": 4, "lr": 1e-4, "weight_decay": 0.05, "power": 0.9,
@@ -31,9 +31,10 @@ def test_rein_512_values_and_overrides(tmp_path):
 
 def test_cli_applies_the_recipe_under_explicit_options(tmp_path):
     import torch
+
+    from fisherscan.data.synthetic import write_dataset
     from fisherscan.models.backbone import build_backbone
     from fisherscan.scores.file import save_scores
-    from fisherscan.data.synthetic import write_dataset
 
     data = write_dataset(tmp_path / "data", domains=("source",), images_per_domain=2, size=(40, 40))["source"]
     torch.manual_seed(0)

@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 import fisherscan
 from fisherscan.cli import app
-from fisherscan.scores.file import load_scores
 from fisherscan.data.synthetic import write_dataset
+from fisherscan.scores.file import load_scores
 
 MODEL = "timm:vit_tiny_patch16_224"
 TIMM_NAME = "vit_tiny_patch16_224"
@@ -123,7 +123,7 @@ def reused_head(tmp_path_factory, data, base):
 
 
 def test_score_writes_a_complete_scores_file(base):
-    scores, meta = base["scores"], base["meta"]
+    scores = base["scores"]
     reference = dict(reference_backbone().named_parameters())
     assert not any(name.startswith("head.") for name in reference)
     assert set(scores) == set(KINDS)
@@ -181,7 +181,7 @@ def test_score_writes_head_and_groups_csv_beside_the_scores(base):
 def test_score_prints_the_output_paths(base):
     stdout = base["result"].stdout
     for label, path in (("scores:", base["out"]), ("head:", base["head"]), ("table:", base["csv"])):
-        line = next((l for l in stdout.splitlines() if l.startswith(label)), None)
+        line = next((row for row in stdout.splitlines() if row.startswith(label)), None)
         assert line is not None, stdout
         assert line.split(None, 1)[1] == str(path), f"{label} line is {line!r}"
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ok, one_error_line
 from typer.testing import CliRunner
 
-from fisherscan.fisher.engine import HookEngine
 from fisherscan.cli import app
-from fisherscan.scores.file import load_scores
 from fisherscan.data.synthetic import write_dataset
-from conftest import ok, one_error_line
-
+from fisherscan.fisher.engine import HookEngine
+from fisherscan.scores.file import load_scores
 
 IMAGES = 8
 BATCH = 2

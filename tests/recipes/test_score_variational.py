@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from fisherscan.cli import app
-from fisherscan.scores.file import load_scores
 from fisherscan.data.synthetic import write_dataset
+from fisherscan.scores.file import load_scores
 
 
 def test_variational_scores_file(tmp_path):

@@ -15,13 +15,12 @@ import torch
 import torch.distributed as dist
 
 import fisherscan
-from fisherscan.recipes.distributed import Ranks
-from fisherscan.fisher.perturb import channel_statistics, statistic_spread
-from fisherscan.scores.file import load_scores
-from fisherscan.recipes.config import ScoreConfig
-from fisherscan.recipes.score import run_score
-from fisherscan.recipes.distributed import global_spread, rank_parts, shard_bounds
 from fisherscan.data.synthetic import write_dataset
+from fisherscan.fisher.perturb import channel_statistics, statistic_spread
+from fisherscan.recipes.config import ScoreConfig
+from fisherscan.recipes.distributed import Ranks, global_spread, rank_parts, shard_bounds
+from fisherscan.recipes.score import run_score
+from fisherscan.scores.file import load_scores
 
 
 @pytest.mark.parametrize("total,batch,world", [(5, 4, 2), (7, 3, 3), (2, 4, 4), (8, 8, 1)])

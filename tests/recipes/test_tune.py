@@ -9,26 +9,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import write_random_scores
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fisherscan.cli import app
-from fisherscan.models.backbone import build_backbone
-from fisherscan.scores.file import load_scores
-from fisherscan.scores.select import STRATEGIES, select_mask, selected_count
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.eval.runs import load_run
+from fisherscan.models.backbone import build_backbone
 from fisherscan.recipes.config import TuneConfig
 from fisherscan.recipes.tune import run_tune
-from conftest import write_random_scores
-
+from fisherscan.scores.file import load_scores
+from fisherscan.scores.select import STRATEGIES, select_mask, selected_count
 
 MODEL = "timm:vit_tiny_patch16_224"
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data"), domains=("source",), images_per_domain=4, size=(48, 48))["source"]
+    return write_dataset(tmp_path_factory.mktemp("data"), domains=("source",), images_per_domain=4, size=(48,
+                                                                                                          48))["source"]
 
 
 @pytest.fixture(scope="module")

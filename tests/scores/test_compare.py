@@ -18,16 +18,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import element_frame, ok, vit_shapes
 from typer.testing import CliRunner
 
 from fisherscan.cli import app
 from fisherscan.errors import FisherscanError
 from fisherscan.models.groups import parameter_groups
 from fisherscan.scores.compare import average_ranks, compare_scores, inspect_scores, metadata_rows, spearman
-from fisherscan.scores.summary import top_cell_counts, top_counts, top_mask
 from fisherscan.scores.file import load_scores, save_scores
-
-from conftest import element_frame, ok, vit_shapes
+from fisherscan.scores.summary import top_cell_counts, top_counts, top_mask
 
 D = 4
 CANDIDATES = ("Q", "K", "V", "FFN")

@@ -18,15 +18,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import element_frame, vit_shapes
 from PIL import Image
 from typer.testing import CliRunner
 
-from fisherscan.scores import plot as plotting
 from fisherscan.cli import app
-from fisherscan.scores.summary import cell_summary
+from fisherscan.scores import plot as plotting
 from fisherscan.scores.file import load_scores, save_scores
-
-from conftest import element_frame, vit_shapes
+from fisherscan.scores.summary import cell_summary
 
 D = 4  # embedding width
 CANDIDATES = ("Q", "K", "V", "FFN")

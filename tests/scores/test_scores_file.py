@@ -30,7 +30,8 @@ SHAPES = {
 
 def make_scores(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return {kind: {name: torch.rand(shape, generator=g, dtype=torch.float64).to(dtype) for name, shape in SHAPES.items()}
+    return {kind: {name: torch.rand(shape, generator=g, dtype=torch.float64).to(dtype) for name,
+                   shape in SHAPES.items()}
             for kind in KINDS}
 
 
@@ -61,7 +62,8 @@ def test_round_trip(tmp_path):
 
     with safe_open(str(path), "pt") as handle:  # the file layout itself, read by safetensors
         assert set(handle.keys()) == {f"{k}/{n}" for k in KINDS for n in SHAPES}
-        assert json.loads(handle.metadata()[METADATA_KEY]) == {**meta, "file_kind": "scores"}  # fisherscan.io's one format
+        assert json.loads(handle.metadata()[METADATA_KEY]) == {**meta,
+                                                               "file_kind": "scores"}  # fisherscan.io's one format
         for key in handle.keys():
             assert handle.get_slice(key).get_dtype() == "F32"
 

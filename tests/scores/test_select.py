@@ -54,7 +54,8 @@ def test_selections_only_grow_and_respect_groups():
     for count in range(0, 140, 9):
         for strategy in ("random", "fim", "delta", "drfim"):
             masks = select_mask(scores, count, strategy=strategy, seed=3)
-            assert sum(int(m.sum()) for m in masks.values()) == min(count, 2 * 3 * D * D + 2 * D * D)  # qkv of 2 blocks + fc1
+            assert sum(int(m.sum()) for m in masks.values()) == min(count,
+                                                                    2 * 3 * D * D + 2 * D * D)  # qkv of 2 blocks + fc1
             assert not masks["blocks.0.norm1.weight"].any() and not masks["pos_embed"].any()
         masks = select_mask(scores, count, strategy="drfim")
         if previous is not None:

@@ -1,4 +1,5 @@
-"""The paper's decoder (as Rein): a Mask2Former head on the patch tokens of 4 ViT blocks, from Hugging Face transformers.
+"""The paper's decoder (as Rein): a Mask2Former head on the patch tokens of 4 ViT blocks, from Hugging Face
+transformers.
 
 - **Neck** (:class:`ViTNeck`): the 4 block maps (B, D, h, w) on the patch grid are resampled bilinearly by x4, x2,
   x1 and x0.5 (Rein's current code), i.e. strides 4, 8, 16, 32 for patch 16 (3.5, 7, 14, 28 for patch 14). It has
@@ -32,6 +33,7 @@ from torch import nn
 
 from ...data.labels import IGNORE_INDEX
 from ...errors import FisherscanError
+
 SCALES = (4.0, 2.0, 1.0, 0.5)  # the neck: patch grid -> strides 4, 8, 16, 32 (patch 16)
 
 # options a ``mask2former?key=value&...`` decoder spec may set (Mask2FormerConfig fields); hidden_dim also sets
@@ -44,8 +46,8 @@ OPTIONS = ("num_queries", "train_num_points", "encoder_layers", "decoder_layers"
 def require_transformers():
     """The ``transformers`` Mask2Former module, or a one-line error saying how to install it."""
     try:
-        from transformers.models.mask2former import configuration_mask2former, modeling_mask2former
         import scipy  # noqa: F401  (the Hungarian matcher)
+        from transformers.models.mask2former import configuration_mask2former, modeling_mask2former
     except ImportError:
         raise FisherscanError("--decoder mask2former needs transformers and scipy: "
                               "pip install 'fisherscan[mask2former]'") from None
@@ -79,7 +81,8 @@ def head_config(num_classes: int, **options):
     configuration, _ = require_transformers()
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise FisherscanError(f"--decoder mask2former?{unknown[0]}=...: unknown option; use some of {', '.join(OPTIONS)}")
+        raise FisherscanError(f"--decoder mask2former?{unknown[0]}=...: unknown option; use some of "
+                              f"{', '.join(OPTIONS)}")
     hidden = int(options.pop("hidden_dim", 256))
     if hidden % 32:
         raise FisherscanError(f"--decoder mask2former?hidden_dim={hidden}: must be a multiple of 32 (GroupNorm groups)")
