@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ..errors import FisherscanError
 from ..fisher.perturb import EPS, channel_statistics
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,3 +156,39 @@ def agree(ranks: Ranks, device: torch.device, bad: bool, error: str | None) -> t
         dist.all_gather_object(messages, error)
         message = next(m for m in messages if m is not None)
     return int(flags[0]), message
+
+
+def collectively(ranks: Ranks, device: torch.device, work: Callable[[], T]) -> T | None:
+    """``work()`` on this rank (work only some ranks do: rank 0's warm-up, its writes), then one agreement: a
+    user error on any rank is raised on every rank, with that rank's message, before the next collective could
+    leave the others waiting. Returns what ``work`` returned."""
+    result, error = None, None
+    try:
+        result = work()
+    except FisherscanError as failure:
+        error = str(failure)
+    _, error = agree(ranks, device, False, error)
+    if error is not None:
+        raise FisherscanError(error)
+    return result
+
+
+def agreed(items: Iterable[T], ranks: Ranks, device: torch.device) -> Iterator[T]:
+    """``items`` (each rank its own batches, as many on every rank), with every rank agreeing after each one that
+    none failed to read it (under torchrun; one process just iterates)."""
+    iterator = iter(items)
+    while True:
+        item, error, done = None, None, False
+        try:
+            item = next(iterator)
+        except StopIteration:
+            done = True
+        except FisherscanError as failure:
+            error = str(failure)
+        if ranks.world > 1:
+            _, error = agree(ranks, device, False, error)
+        if error is not None:
+            raise FisherscanError(error)
+        if done:
+            return
+        yield item

@@ -175,15 +175,23 @@ def prepare_head(run: ScoreRun, progress: Progress) -> tuple[dict, object]:
         warmup = run.partial["warmup"]
     elif config.head is not None:
         warmup = {"source": str(config.head), "loaded": load_head(config.head, segmenter)}
-    elif run.ranks.main:  # under torchrun rank 0 warms up; the others receive its head below
-        loader = make_loader(run.dataset, config.batch_size, config.workers)
-        final_loss = warm_up_decoder(segmenter, loader, config.warmup_steps, config.warmup_lr, run.device,
-                                     run.device.type == "cuda", progress)
-        warmup = {"steps": config.warmup_steps, "lr": config.warmup_lr, "final_loss": final_loss}
+    else:  # under torchrun rank 0 warms up; the others receive its head below
+        warmup = distributed.collectively(run.ranks, run.device, lambda: warm_up(run, progress)) or {}
     distributed.broadcast_module(segmenter, run.ranks)  # every rank scores the same model (head, random init)
     for p in segmenter.backbone.parameters():
         p.requires_grad_(True)
     return warmup, state
+
+
+def warm_up(run: ScoreRun, progress: Progress) -> dict | None:
+    """Algorithm 1 step 1 on rank 0 (None elsewhere): the decoder trained on the frozen backbone; its record."""
+    if not run.ranks.main:
+        return None
+    config = run.config
+    loader = make_loader(run.dataset, config.batch_size, config.workers)
+    final_loss = warm_up_decoder(run.segmenter, loader, config.warmup_steps, config.warmup_lr, run.device,
+                                 run.device.type == "cuda", progress)
+    return {"steps": config.warmup_steps, "lr": config.warmup_lr, "final_loss": final_loss}
 
 
 def resume_estimator(run: ScoreRun):
@@ -325,6 +333,17 @@ def stopped_result(run: ScoreRun, extra: dict) -> ScoreResult:
                        batches_total=extra["batches_total"])
 
 
+def write(run: ScoreRun, scores: dict, metadata: dict) -> None:
+    """The scores and the head beside them (rank 0: one writer), then the partial file is no longer needed."""
+    config = run.config
+    if run.ranks.main:
+        save_scores(config.out, scores, metadata)
+        save_head(head_path_for(config.out), run.segmenter, {"model": config.model, "num_classes": NUM_CLASSES,
+                                                             "scores": str(config.out)})
+    if run.partial_path is not None and run.partial_path.exists():
+        run.partial_path.unlink()
+
+
 def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     """Run the whole ``score`` job and write ``config.out`` (+ the head beside it)."""
     check_config(config)
@@ -338,13 +357,7 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
             return stopped_result(run, result.extra)
         scores, metadata = finish(run, result, warmup)
         head_out = head_path_for(config.out)
-        if ranks.main:  # one writer
-            save_scores(config.out, scores, metadata)
-            save_head(head_out, run.segmenter, {"model": config.model, "num_classes": NUM_CLASSES,
-                                                "scores": str(config.out)})
-        if run.partial_path is not None and run.partial_path.exists():
-            run.partial_path.unlink()
-        distributed.barrier(ranks)
+        distributed.collectively(ranks, device, lambda: write(run, scores, metadata))  # rank 0 writes
     finally:
         distributed.teardown(ranks)
     return ScoreResult(scores=scores, metadata=metadata, head_path=head_out, notes=run.notes + run.run_notes,

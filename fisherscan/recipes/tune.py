@@ -339,7 +339,7 @@ def train(run: TuneRun, selection: Selection, state: TrainState, manifest: dict,
             run.segmenter, device_ids=[device.index] if device.type == "cuda" else None)
     task = progress.add_task("tune", total=config.steps, completed=state.step, rate="")
     micro, running = 0, 0.0
-    for x, y, _ in training_batches(run, state.step):
+    for x, y, _ in distributed.agreed(training_batches(run, state.step), ranks, device):
         x, y = x.to(device), y.to(device)
         # the global RNG (the matched loss's random points) keyed on the step: a resumed run draws the same
         torch.manual_seed(keyed_seed(config.seed, state.step, "points", ranks.rank * config.accumulate + micro))
