@@ -171,9 +171,22 @@ def ok(result):
     return result
 
 
+def invoke(*args, cwd=None):
+    """``fisherscan *args`` in this process (typer's CliRunner), the arguments as strings, from ``cwd`` if given."""
+    from typer.testing import CliRunner
+
+    from fisherscan.cli import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def one_error_line(result, *needles: str) -> str:
     """Exit code 2, no traceback, one 'error:' line (the last on stderr) naming every needle."""
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}\n{result.stdout}\n{result.stderr}"
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import invoke
 
 import fisherscan.bench.demo
 from fisherscan.bench.demo import DEMO_MODEL
-from fisherscan.cli import app
 from fisherscan.data.synthetic import DOMAINS
 from fisherscan.recipes.score import ScoreResult
 from fisherscan.scores.file import load_scores
@@ -38,12 +37,13 @@ def demo_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(fisherscan.bench.demo, "run_demo", spy)
     try:
-        result = CliRunner().invoke(app, ["demo", "--out", str(out), "--images", str(IMAGES), "--tune-steps", "2"])
+        result = invoke(*["demo", "--out", str(out), "--images", str(IMAGES), "--tune-steps", "2"])
     finally:
         patch.undo()
     return {"out": out, "result": result, "calls": calls}
 
 
+@pytest.mark.slow
 def test_demo_command_exits_0_and_prints_the_output_paths(demo_run):
     result, out = demo_run["result"], demo_run["out"]
     assert result.exit_code == 0, f"{result.exception!r}\n{result.stderr}"
@@ -55,6 +55,7 @@ def test_demo_command_exits_0_and_prints_the_output_paths(demo_run):
         assert line.split()[1] == str(path), line
 
 
+@pytest.mark.slow
 def test_run_demo_returns_the_result_and_the_scores_path(demo_run):
     out = demo_run["out"]
     assert len(demo_run["calls"]) == 1
@@ -66,6 +67,7 @@ def test_run_demo_returns_the_result_and_the_scores_path(demo_run):
     assert result.metadata["images"] == IMAGES
 
 
+@pytest.mark.slow
 def test_demo_writes_scores_head_and_all_five_domains(demo_run):
     out = demo_run["out"]
     scores, meta = load_scores(out / "scores.safetensors")
@@ -92,6 +94,7 @@ def test_demo_writes_scores_head_and_all_five_domains(demo_run):
 
 
 
+@pytest.mark.slow
 def test_demo_tunes_both_strategies_and_evaluates_every_domain(demo_run):
     out = demo_run["out"]
     assert "mIoU (%) on held-out scenes" in demo_run["result"].stdout

@@ -18,12 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import invoke
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from fisherscan.bench.pretrain import COARSE_NAMES, MODEL, PretrainConfig, cache_dir, coarse_labels, pretrained_weights
 from fisherscan.bench.proxy_dg import STRATEGIES, TUNED, UNSEEN, benchmark_config, mean_std
-from fisherscan.cli import app
 from fisherscan.data.scenes import CLASSES, scene_layout
 from fisherscan.data.synthetic import DOMAINS
 from fisherscan.models.backbone import build_backbone
@@ -34,11 +33,12 @@ from fisherscan.scores.file import load_scores
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out, cache = root / "out", root / "cache"
-    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(out), "--cache", str(cache)])
+    result = invoke(*["bench", "--quick", "--out", str(out), "--cache", str(cache)])
     data = json.loads((out / "proxy_dg.json").read_text()) if (out / "proxy_dg.json").is_file() else None
     return {"result": result, "out": out, "cache": cache, "data": data}
 
 
+@pytest.mark.slow
 def test_quick_exits_0_and_prints_table_verdict_and_paths(quick):
     result = quick["result"]
     assert result.exit_code == 0, f"{result.exception!r}\n{result.stderr}"
@@ -49,6 +49,7 @@ def test_quick_exits_0_and_prints_table_verdict_and_paths(quick):
         assert line.split()[1] == str(quick["out"] / name)
 
 
+@pytest.mark.slow
 def test_every_strategy_has_a_finite_miou_on_every_domain(quick):
     """Oracle: the per-seed CSV, read by pandas, holds every (strategy, domain) once, finite, in [0, 100]."""
     frame = pd.read_csv(quick["out"] / "proxy_dg.csv")
@@ -59,6 +60,7 @@ def test_every_strategy_has_a_finite_miou_on_every_domain(quick):
     assert np.isfinite(frame["miou"]).all() and frame["miou"].between(0, 100).all()
 
 
+@pytest.mark.slow
 def test_tuned_models_beat_freeze_on_the_source_domain(quick):
     summary = quick["data"]["summary"]
     frozen = summary["freeze"]["source"]["mean"]
@@ -66,6 +68,7 @@ def test_tuned_models_beat_freeze_on_the_source_domain(quick):
         assert summary[strategy]["source"]["mean"] > frozen, (strategy, summary[strategy]["source"], frozen)
 
 
+@pytest.mark.slow
 def test_summary_and_paired_differences_recomputed_from_the_csv(quick):
     """Oracle: pandas group-bys of the per-seed rows (the CSV) give the JSON's means, stds and paired differences."""
     frame = pd.read_csv(quick["out"] / "proxy_dg.csv")
@@ -83,6 +86,7 @@ def test_summary_and_paired_differences_recomputed_from_the_csv(quick):
     assert row["mean"] == pytest.approx(data["summary"]["drfim"]["unseen"]["mean"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_runs_used_the_pretrained_weights_and_each_strategy_its_selection(quick):
     """Oracles: hashlib's sha256 of the cached weights; the manifests' selection counts; the score files' estimator."""
     data = quick["data"]
@@ -104,6 +108,7 @@ def test_runs_used_the_pretrained_weights_and_each_strategy_its_selection(quick)
     assert var_meta["estimator"] == "variational" and diag_meta["estimator"] == "diagonal"
 
 
+@pytest.mark.slow
 def test_plot_and_json_metadata(quick):
     png = (quick["out"] / "proxy_dg.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -135,6 +140,7 @@ def test_mean_std_against_statistics():
 TINY = PretrainConfig(scenes=2, steps=2, batch_size=2)
 
 
+@pytest.mark.slow
 def test_pretraining_is_cached_reused_and_reproducible(tmp_path):
     first = pretrained_weights(TINY, tmp_path / "a")
     assert not first.cached and first.path.name == f"{TINY.key()}.safetensors"
@@ -170,7 +176,7 @@ def test_quick_and_full_settings():
 
 @pytest.mark.parametrize("args, fragment", [(["--seeds", "0"], "--seeds 0"), (["--device", "tpu"], "--device tpu")])
 def test_option_mistakes_are_one_red_line(tmp_path, args, fragment):
-    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "o"), "--cache", str(tmp_path),
+    result = invoke(*["bench", "--quick", "--out", str(tmp_path / "o"), "--cache", str(tmp_path),
                                       *args])
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -179,5 +185,5 @@ def test_option_mistakes_are_one_red_line(tmp_path, args, fragment):
 
 def test_out_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("x")
-    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "file"), "--cache", str(tmp_path)])
+    result = invoke(*["bench", "--quick", "--out", str(tmp_path / "file"), "--cache", str(tmp_path)])
     assert result.exit_code == 2 and "is a file" in result.stderr

@@ -19,12 +19,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import ok, tiny_segmenter
+from conftest import invoke, ok, tiny_segmenter
 from PIL import Image
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from fisherscan.cli import app
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.errors import FisherscanError
 from fisherscan.eval.evaluate import evaluate_datasets
@@ -52,7 +50,6 @@ PALETTE = {  # Cityscapes colours, from cityscapesScripts' labels.py
     16: (0, 80, 100), 17: (0, 0, 230), 18: (119, 11, 32),
 }
 
-runner = CliRunner()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,8 +278,6 @@ def run_dir(tmp_path_factory, domains) -> Path:
     return folder / "run"
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def oracle_dataset(segmenter, folder: Path) -> np.ndarray:

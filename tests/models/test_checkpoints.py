@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke
 from safetensors.torch import save_file
 
 from fisherscan.errors import FisherscanError
@@ -463,9 +464,7 @@ def test_every_registry_name_asks_for_its_official_file(hub_home):
 
 def test_models_command_lists_names_files_and_counts(hub_home, monkeypatch):
     """Oracle for the counts: closed forms of ViT-L/14 (24 blocks, D 1024, FFN 4096) and published sizes."""
-    from typer.testing import CliRunner
 
-    from fisherscan.cli import app
 
     monkeypatch.setattr(backbone_module, "REGISTRY", {k: registry.REGISTRY[k] for k in ("dinov2_vitl14",
                                                                                         "clip_vitl14")})
@@ -473,7 +472,7 @@ def test_models_command_lists_names_files_and_counts(hub_home, monkeypatch):
     checkpoints.mkdir(parents=True)
     (checkpoints / "ViT-L-14.pt").write_bytes(b"x")
     monkeypatch.setenv("COLUMNS", "250")
-    result = CliRunner().invoke(app, ["models", "--counts"])
+    result = invoke(*["models", "--counts"])
     assert result.exit_code == 0, result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│")}
     assert set(lines) == {"dinov2_vitl14", "clip_vitl14"}

@@ -24,11 +24,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import invoke
 from safetensors.torch import load_file
 from torch import nn
-from typer.testing import CliRunner
 
-from fisherscan.cli import app
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.errors import FisherscanError
 from fisherscan.models.backbone import build_backbone
@@ -392,7 +391,7 @@ def test_score_runs_on_every_family(family, official_files, tiny_data, tmp_path)
     patch = 14 if family in ("dinov2", "eva02", "clip", "mae") else 16
     args = ["score", "--model", spec_of(family), "--weights", path, "--data", tiny_data, "--out", out,
             "--crop", 2 * patch, "--batch-size", 2, "--warmup-steps", 1, "--workers", 0, "--device", "cpu"]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = invoke(*args)
     assert result.exit_code == 0, f"{result.stdout}\n{result.stderr}\n{result.exception!r}"
     scores = load_file(str(out))
     params = {k for k in expected if not (family == "mae" and k == "pos_embed")}
@@ -410,11 +409,11 @@ def test_score_strict_and_no_strict(official_files, tiny_data, tmp_path):
     torch.save(official_sam({k: v for k, v in expected.items() if k != "blocks.0.attn.rel_pos_w"}), path)
     base = ["score", "--model", spec_of("sam"), "--weights", path, "--data", tiny_data, "--crop", 32,
             "--batch-size", 2, "--warmup-steps", 1, "--workers", 0, "--device", "cpu"]
-    strict = CliRunner().invoke(app, [str(a) for a in base + ["--out", tmp_path / "a.safetensors"]])
+    strict = invoke(*base + ["--out", tmp_path / "a.safetensors"])
     assert strict.exit_code == 2
     lines = [line for line in strict.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "1 missing (blocks.0.attn.rel_pos_w)" in lines[0]
-    loose = CliRunner().invoke(app, [str(a) for a in base + ["--out", tmp_path / "b.safetensors", "--no-strict"]])
+    loose = invoke(*base + ["--out", tmp_path / "b.safetensors", "--no-strict"])
     assert loose.exit_code == 0, loose.stderr
 
 

@@ -12,13 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
-from typer.testing import CliRunner
 
 pytest.importorskip("transformers")
 
-from conftest import write_random_scores
+from conftest import invoke, write_random_scores
 
-from fisherscan.cli import app  # noqa: E402
 from fisherscan.data.synthetic import write_dataset  # noqa: E402
 from fisherscan.errors import FisherscanError  # noqa: E402
 from fisherscan.eval.runs import load_run  # noqa: E402
@@ -216,7 +214,7 @@ def test_tune_keeps_unselected_elements_and_resumes_exactly(scores_file, source,
 
 def test_score_runs_with_the_mask2former_decoder(source, tmp_path):
     out = tmp_path / "scores.safetensors"
-    result = CliRunner().invoke(app, ["score", "--model", MODEL, "--random-init", "--data", str(source), "--out",
+    result = invoke(*["score", "--model", MODEL, "--random-init", "--data", str(source), "--out",
                                       str(out), "--crop", "32", "--batch-size", "2", "--warmup-steps", "2",
                                       "--workers", "0", "--decoder", TINY, "--feature-blocks", "0,1,2,3"])
     assert result.exit_code == 0, result.output

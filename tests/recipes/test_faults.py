@@ -27,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ok, one_error_line, write_random_scores
+from conftest import invoke, ok, one_error_line, write_random_scores
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import fisherscan
 import fisherscan.models.segmenter
 import fisherscan.recipes.tune
-from fisherscan.cli import app
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.io import read_tensors
 from fisherscan.models.backbone import build_backbone
@@ -48,14 +46,8 @@ SCORE = ["--model", MODEL, "--random-init", "--crop", "32", "--workers", "0", "-
          "--batch-size", "2", "--seed", "0", "--save-every", "1"]
 ROOT = Path(fisherscan.__file__).resolve().parents[1]
 
-runner = CliRunner()
 
 
-def invoke(*args, cwd: Path | None = None):
-    with pytest.MonkeyPatch.context() as patch:
-        if cwd is not None:
-            patch.chdir(cwd)
-        return runner.invoke(app, [str(a) for a in args])
 
 
 def kill_when_written(args: list, cwd: Path, watched: Path, delay: float = 0.4, timeout: float = 300) -> None:
@@ -110,6 +102,7 @@ def tune_args(scores_file: Path, data: Path, *extra) -> list:
 # kill -9 mid-run, then the same command again
 
 
+@pytest.mark.slow
 def test_score_killed_mid_run_continues_to_the_same_bytes(tmp_path, data):
     args = ["score", *SCORE, "--data", data, "--out", "scores.safetensors"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -125,6 +118,7 @@ def test_score_killed_mid_run_continues_to_the_same_bytes(tmp_path, data):
     assert not (killed / "scores.partial.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_tune_killed_mid_run_continues_to_the_same_bytes(tmp_path, data, scores_file):
     args = tune_args(scores_file, data)
     whole, killed = tmp_path / "whole", tmp_path / "killed"

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke
 
-from fisherscan.cli import app
 from fisherscan.errors import FisherscanError
 from fisherscan.recipes.config import TuneConfig
 from fisherscan.recipes.presets import apply_recipe
@@ -43,7 +42,7 @@ def test_cli_applies_the_recipe_under_explicit_options(tmp_path):
     save_scores(scores, {k: {n: torch.rand(p.shape) for n, p in backbone.named_parameters()}
                          for k in ("fim", "fim_shift", "delta", "drfim")}, {"model": MODEL, "images": 2, "head": None})
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["tune", "--recipe", "rein-512", "--scores", str(scores), "--model", MODEL,
+    result = invoke(*["tune", "--recipe", "rein-512", "--scores", str(scores), "--model", MODEL,
                                       "--random-init", "--data", str(data), "--out", str(out), "--steps", "1",
                                       "--crop", "32", "--batch-size", "2", "--decoder", "linear", "--warmup-steps", "1",
                                       "--workers", "0"])

@@ -19,12 +19,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import invoke, one_error_line
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import fisherscan
-from fisherscan.cli import app
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.scores.file import load_scores
 
@@ -35,23 +34,17 @@ CROP = 32
 KINDS = ("fim", "fim_shift", "delta", "drfim")
 FAST = ["--model", MODEL, "--random-init", "--crop", str(CROP), "--workers", "0"]
 
-runner = CliRunner()
-
 
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def invoke(args: list[str]):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def score(data: Path, out: Path, *extra, warmup: int = 2, batch_size: int = 2, seed: int = 0):
     """Run ``fisherscan score`` and require success; returns the CliRunner result."""
     args = ["score", *FAST, "--data", data, "--out", out, "--warmup-steps", warmup, "--batch-size", batch_size,
             "--seed", seed, *extra]
-    result = invoke(args)
+    result = invoke(*args)
     assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n" \
                                   f"exception: {result.exception!r}"
     return result
@@ -73,20 +66,6 @@ def assert_same_scores(a: dict, b: dict, **tolerance) -> None:
                 torch.testing.assert_close(a[kind][name], b[kind][name], **tolerance, msg=f"{kind}/{name}")
             else:
                 assert torch.equal(a[kind][name], b[kind][name]), f"{kind}/{name} differs"
-
-
-def single_error_line(result, *needles: str) -> str:
-    """Exit code 2, no traceback, exactly one 'error:' line on stderr (the last one), naming every needle."""
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}\n{result.stderr}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert lines[-1] == errors[0], result.stderr
-    for needle in needles:
-        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,21 +272,21 @@ def test_given_labels_fisher_is_the_mean_squared_per_image_gradient(tmp_path, da
 
 def test_missing_data_folder(tmp_path):
     missing = tmp_path / "nowhere"
-    result = invoke(["score", *FAST, "--data", missing, "--out", tmp_path / "s.safetensors"])
-    single_error_line(result, str(missing))
+    result = invoke("score", *FAST, "--data", missing, "--out", tmp_path / "s.safetensors")
+    one_error_line(result, str(missing))
 
 
 def test_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = invoke(["score", *FAST, "--data", tmp_path / "empty", "--out", tmp_path / "s.safetensors"])
-    single_error_line(result, str(tmp_path / "empty"))
+    result = invoke("score", *FAST, "--data", tmp_path / "empty", "--out", tmp_path / "s.safetensors")
+    one_error_line(result, str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize("model", ["vit_nonexistent", "timm:vit_nonexistent_patch16", "timm:resnet18"])
 def test_unknown_or_unusable_model(tmp_path, data, model):
     args = ["score", "--model", model, "--random-init", "--data", data, "--out", tmp_path / "s.safetensors",
             "--crop", CROP, "--workers", 0, "--warmup-steps", 0]
-    single_error_line(invoke(args), "--model", model)
+    one_error_line(invoke(*args), "--model", model)
 
 
 def test_dinov2_without_weights_names_weights_and_the_cache(tmp_path, data, monkeypatch):
@@ -316,7 +295,7 @@ def test_dinov2_without_weights_names_weights_and_the_cache(tmp_path, data, monk
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     args = ["score", "--model", "dinov2_vits14", "--data", data, "--out", tmp_path / "s.safetensors",
             "--crop", CROP, "--workers", 0]
-    line = single_error_line(invoke(args), "--weights", "dinov2_vits14")
+    line = one_error_line(invoke(*args), "--weights", "dinov2_vits14")
     assert str(torch_home / "hub" / "checkpoints") in line
     assert not (tmp_path / "s.safetensors").exists()
 
@@ -324,25 +303,25 @@ def test_dinov2_without_weights_names_weights_and_the_cache(tmp_path, data, monk
 def test_existing_out_needs_overwrite(tmp_path, data):
     out = tmp_path / "s.safetensors"
     out.write_bytes(b"keep me")
-    single_error_line(invoke(["score", *FAST, "--data", data, "--out", out]), "--out", "--overwrite")
+    one_error_line(invoke("score", *FAST, "--data", data, "--out", out), "--out", "--overwrite")
     assert out.read_bytes() == b"keep me"
 
 
 def test_bogus_labels_mode(tmp_path, data):
-    result = invoke(["score", *FAST, "--data", data, "--out", tmp_path / "s.safetensors", "--labels", "bogus"])
-    single_error_line(result, "--labels", "bogus")
+    result = invoke("score", *FAST, "--data", data, "--out", tmp_path / "s.safetensors", "--labels", "bogus")
+    one_error_line(result, "--labels", "bogus")
 
 
 def test_perturbation_site_outside_the_blocks(tmp_path, data):
-    result = invoke(["score", *FAST, "--data", data, "--out", tmp_path / "s.safetensors", "--perturb-at", "99"])
-    single_error_line(result, "--perturb-at", "99")
+    result = invoke("score", *FAST, "--data", data, "--out", tmp_path / "s.safetensors", "--perturb-at", "99")
+    one_error_line(result, "--perturb-at", "99")
     assert not (tmp_path / "s.safetensors").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 def test_cuda_requested_without_a_gpu(tmp_path, data):
-    result = invoke(["score", *FAST, "--data", data, "--out", tmp_path / "s.safetensors", "--device", "cuda"])
-    single_error_line(result, "--device", "cuda")
+    result = invoke("score", *FAST, "--data", data, "--out", tmp_path / "s.safetensors", "--device", "cuda")
+    one_error_line(result, "--device", "cuda")
 
 
 @pytest.mark.parametrize("option, value", [("--shift-weight", "-1"), ("--delta-eps", "-0.5"), ("--delta-eps", "0"),
@@ -350,8 +329,8 @@ def test_cuda_requested_without_a_gpu(tmp_path, data):
 def test_invalid_numeric_options_are_rejected(tmp_path, data, option, value):
     """A negative shift weight or eps gives negative/infinite DR-FIM; a bad lr is a ValueError traceback."""
     out = tmp_path / "s.safetensors"
-    result = invoke(["score", *FAST, "--data", data, "--out", out, "--warmup-steps", 1, option, value])
-    single_error_line(result, option)
+    result = invoke("score", *FAST, "--data", data, "--out", out, "--warmup-steps", 1, option, value)
+    one_error_line(result, option)
     assert not out.exists()
 
 def copy_dataset(src: Path, dst: Path) -> Path:
@@ -366,15 +345,15 @@ def test_image_label_size_mismatch_names_the_file(tmp_path, data):
     bad = copy_dataset(data, tmp_path / "bad")
     label = bad / "labels" / "scene_00002.png"
     Image.fromarray(np.zeros((40, 48), dtype=np.uint8)).save(label)
-    result = invoke(["score", *FAST, "--data", bad, "--out", tmp_path / "s.safetensors", "--warmup-steps", 0])
-    single_error_line(result, "scene_00002.png")
+    result = invoke("score", *FAST, "--data", bad, "--out", tmp_path / "s.safetensors", "--warmup-steps", 0)
+    one_error_line(result, "scene_00002.png")
 
 
 def test_undecodable_image_names_the_file(tmp_path, data):
     bad = copy_dataset(data, tmp_path / "bad")
     (bad / "images" / "scene_00001.png").write_bytes(b"this is not a png at all")
-    result = invoke(["score", *FAST, "--data", bad, "--out", tmp_path / "s.safetensors", "--warmup-steps", 0])
-    single_error_line(result, str(bad / "images" / "scene_00001.png"))
+    result = invoke("score", *FAST, "--data", bad, "--out", tmp_path / "s.safetensors", "--warmup-steps", 0)
+    one_error_line(result, str(bad / "images" / "scene_00001.png"))
 
 
 def test_truncated_image_names_the_file(tmp_path, data):
@@ -382,8 +361,8 @@ def test_truncated_image_names_the_file(tmp_path, data):
     bad = copy_dataset(data, tmp_path / "bad")
     image = bad / "images" / "scene_00003.png"
     image.write_bytes(image.read_bytes()[:200])
-    result = invoke(["score", *FAST, "--data", bad, "--out", tmp_path / "s.safetensors", "--warmup-steps", 1])
-    single_error_line(result, str(image))
+    result = invoke("score", *FAST, "--data", bad, "--out", tmp_path / "s.safetensors", "--warmup-steps", 1)
+    one_error_line(result, str(image))
     assert not (tmp_path / "s.safetensors").exists()
 
 
@@ -391,11 +370,33 @@ def test_truncated_image_names_the_file(tmp_path, data):
 def test_error_messages_are_printed_verbatim(tmp_path, name):
     """Paths are data, not rich markup: brackets must neither crash the printer nor vanish."""
     missing = tmp_path / name
-    result = invoke(["score", *FAST, "--data", missing, "--out", tmp_path / "s.safetensors"])
-    single_error_line(result, str(missing))
+    result = invoke("score", *FAST, "--data", missing, "--out", tmp_path / "s.safetensors")
+    one_error_line(result, str(missing))
 
 
+@pytest.mark.slow
 def test_module_help():
     done = subprocess.run([sys.executable, "-m", "fisherscan", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "score" in done.stdout and "demo" in done.stdout
+
+
+def test_variational_scores_file(tmp_path):
+    """``--estimator variational`` end to end: the file holds the precisions, Eq. 14 on them equals the saved F
+    (recomputed here from gamma, tau and the likelihood scale in the metadata), and the ELBO terms are recorded."""
+    source = write_dataset(tmp_path / "data", domains=("source",), images_per_domain=4, size=(48, 48))["source"]
+    out = tmp_path / "v.safetensors"
+    result = invoke("score", *FAST, "--data", source, "--batch-size", 2, "--warmup-steps", 1, "--estimator",
+                    "variational", "--var-steps", 4, "--gamma", 2.0, "--tau", 0.01, "--out", out)
+    assert result.exit_code == 0, result.output
+    scores, meta = load_scores(out)
+    assert set(scores) == {"fim", "fim_shift", "delta", "drfim", "precision", "precision_shift"}
+    info = meta["variational"]
+    assert meta["estimator"] == "variational" and info["gamma"] == 2.0 and info["tau"] == 0.01
+    assert info["steps"] == 4 and info["likelihood_scale"] == 4.0
+    assert set(info["final_terms"]["clean"]) == {"expected_loss", "kl", "objective"}
+    for clean, precision in (("fim", "precision"), ("fim_shift", "precision_shift")):
+        for name, value in scores[precision].items():
+            eq14 = (2.0 * (value - 0.01 ** -2) / 4.0).clamp_min(0)
+            assert torch.allclose(scores[clean][name], eq14, rtol=1e-5, atol=1e-6), name
+    assert all(torch.isfinite(t).all() for kind in scores.values() for t in kind.values())

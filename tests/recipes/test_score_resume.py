@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ok, one_error_line
-from typer.testing import CliRunner
+from conftest import invoke, ok, one_error_line
 
-from fisherscan.cli import app
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.fisher.engine import HookEngine
 from fisherscan.scores.file import load_scores
@@ -26,16 +24,15 @@ BATCH = 2
 COMMON = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--crop", "32", "--workers", "0",
           "--warmup-steps", "2", "--batch-size", str(BATCH), "--seed", "0"]
 
-runner = CliRunner()
 
 
-def invoke(data: Path, out: Path, *extra):
+def score_in(data: Path, out: Path, *extra):
     """Run ``score`` from ``out``'s folder with ``--out`` relative to it, so the metadata (which records the
     paths) of runs in different folders can be compared byte for byte."""
     out = Path(out)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(out.parent)
-        return runner.invoke(app, [str(a) for a in ["score", *COMMON, "--data", data, "--out", out.name, *extra]])
+        return invoke("score", *COMMON, "--data", data, "--out", out.name, *extra)
 
 
 def partial(out: Path) -> Path:
@@ -55,19 +52,19 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data) -> Path:
     out = tmp_path_factory.mktemp("whole") / "scores.safetensors"
-    ok(invoke(data, out))
+    ok(score_in(data, out))
     assert not partial(out).exists()
     return out
 
 
 def test_stop_then_resume_is_byte_identical(tmp_path, data, uninterrupted):
     out = tmp_path / "scores.safetensors"
-    stopped = ok(invoke(data, out, "--stop-after", 2, "--save-every", 1))
+    stopped = ok(score_in(data, out, "--stop-after", 2, "--save-every", 1))
     assert "stopped after 2 batches" in stopped.stdout and "--resume" in stopped.stdout
     assert partial(out).is_file() and not out.exists()
     assert partial(out).name in stopped.stdout
 
-    resumed = ok(invoke(data, out, "--resume"))
+    resumed = ok(score_in(data, out, "--resume"))
     assert "continued" in resumed.stdout
     assert out.read_bytes() == uninterrupted.read_bytes()
     assert head(out).read_bytes() == head(uninterrupted).read_bytes()
@@ -77,10 +74,10 @@ def test_stop_then_resume_is_byte_identical(tmp_path, data, uninterrupted):
 
 def test_plain_rerun_continues_automatically_with_a_notice(tmp_path, data, uninterrupted):
     out = tmp_path / "scores.safetensors"
-    ok(invoke(data, out, "--stop-after", 1))
-    step = ok(invoke(data, out, "--resume", "--stop-after", 1, "--workers", 1))  # a free option may change
+    ok(score_in(data, out, "--stop-after", 1))
+    step = ok(score_in(data, out, "--resume", "--stop-after", 1, "--workers", 1))  # a free option may change
     assert "2 of 4 batches" in step.stdout
-    again = ok(invoke(data, out))
+    again = ok(score_in(data, out))
     assert "note:" in again.stdout and "continued" in again.stdout and "from image 4" in again.stdout
     assert out.read_bytes() == uninterrupted.read_bytes()
     assert not partial(out).exists()
@@ -88,19 +85,19 @@ def test_plain_rerun_continues_automatically_with_a_notice(tmp_path, data, unint
 
 def test_changed_options_are_refused_and_overwrite_discards(tmp_path, data):
     out = tmp_path / "scores.safetensors"
-    ok(invoke(data, out, "--stop-after", 1))
+    ok(score_in(data, out, "--stop-after", 1))
     saved = partial(out).read_bytes()
 
-    one_error_line(invoke(data, out, "--seed", 1), "seed", "--overwrite", partial(out).name)
-    one_error_line(invoke(data, out, "--resume", "--crop", 48), "--resume", "crop")
+    one_error_line(score_in(data, out, "--seed", 1), "seed", "--overwrite", partial(out).name)
+    one_error_line(score_in(data, out, "--resume", "--crop", 48), "--resume", "crop")
     assert partial(out).read_bytes() == saved and not out.exists()
 
-    fresh = ok(invoke(data, out, "--seed", 1, "--overwrite"))
+    fresh = ok(score_in(data, out, "--seed", 1, "--overwrite"))
     assert "continued" not in fresh.stdout
     assert out.is_file() and not partial(out).exists()
     assert load_scores(out)[1]["seed"] == 1
 
-    one_error_line(invoke(data, tmp_path / "other.safetensors", "--resume"), "--resume", "partial")
+    one_error_line(score_in(data, tmp_path / "other.safetensors", "--resume"), "--resume", "partial")
 
 
 @pytest.fixture
@@ -124,7 +121,7 @@ def nan_on_second_batch(monkeypatch):
 
 def test_non_finite_batch_is_skipped_and_counted(tmp_path, data, nan_on_second_batch):
     out = tmp_path / "scores.safetensors"
-    result = ok(invoke(data, out, "--max-bad-frac", 0.5))
+    result = ok(score_in(data, out, "--max-bad-frac", 0.5))
     assert "non-finite" in result.stderr
     scores, meta = load_scores(out)
     assert meta["bad_batches"] == 1
@@ -138,13 +135,13 @@ def test_non_finite_batch_is_skipped_and_counted(tmp_path, data, nan_on_second_b
 
 def test_too_many_bad_batches_is_one_error_line(tmp_path, data, nan_on_second_batch):
     out = tmp_path / "scores.safetensors"
-    one_error_line(invoke(data, out), "--max-bad-frac", "1 of 4 batches")
+    one_error_line(score_in(data, out), "--max-bad-frac", "1 of 4 batches")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("option, value", [("--save-every", 0), ("--stop-after", 0), ("--max-bad-frac", 1.5)])
 def test_invalid_robustness_options(tmp_path, data, option, value):
-    one_error_line(invoke(data, tmp_path / "s.safetensors", option, value), option)
+    one_error_line(score_in(data, tmp_path / "s.safetensors", option, value), option)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,16 +157,16 @@ def test_variational_stop_and_continue_is_byte_identical(tmp_path, data):
     (step 19 of 20) must all continue to the bytes of an uninterrupted run (the oracle)."""
     whole = tmp_path / "whole" / "scores.safetensors"
     whole.parent.mkdir()
-    ok(invoke(data, whole, *VARIATIONAL))
+    ok(score_in(data, whole, *VARIATIONAL))
     out = tmp_path / "stopped" / "scores.safetensors"
     out.parent.mkdir()
-    first = ok(invoke(data, out, *VARIATIONAL, "--stop-after", 7))
+    first = ok(score_in(data, out, *VARIATIONAL, "--stop-after", 7))
     assert "7 of 40 variational steps done" in " ".join(first.stdout.split()) and not out.exists()
-    ok(invoke(data, out, *VARIATIONAL, "--resume", "--stop-after", 13))  # global step 20: the clean fit is done
-    ok(invoke(data, out, *VARIATIONAL, "--resume", "--stop-after", 19))  # step 39: shifted fit's snapshot taken
-    again = ok(invoke(data, out, *VARIATIONAL))
+    ok(score_in(data, out, *VARIATIONAL, "--resume", "--stop-after", 13))  # global step 20: the clean fit is done
+    ok(score_in(data, out, *VARIATIONAL, "--resume", "--stop-after", 19))  # step 39: shifted fit's snapshot taken
+    again = ok(score_in(data, out, *VARIATIONAL))
     assert "from variational step 39 of 40" in " ".join(again.stdout.split())
     assert out.read_bytes() == whole.read_bytes()
     assert head(out).read_bytes() == head(whole).read_bytes()
     assert not partial(out).exists()
-    one_error_line(invoke(data, out.with_name("x.safetensors"), *VARIATIONAL, "--resume"), "--resume")
+    one_error_line(score_in(data, out.with_name("x.safetensors"), *VARIATIONAL, "--resume"), "--resume")

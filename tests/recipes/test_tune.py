@@ -9,11 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import write_random_scores
+from conftest import invoke, write_random_scores
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from fisherscan.cli import app
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.eval.runs import load_run
 from fisherscan.models.backbone import build_backbone
@@ -104,9 +102,8 @@ def test_resume_refuses_other_options(scores_file, source, tmp_path):
 
 
 def test_cli_tune_and_mask(scores_file, source, tmp_path):
-    runner = CliRunner()
     out = tmp_path / "run"
-    result = runner.invoke(app, ["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data",
+    result = invoke(*["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data",
                                  str(source), "--out", str(out), "--crop", "32", "--batch-size", "2", "--steps", "2",
                                  "--workers", "0", "--warmup-steps", "1", "--delta-max", "2%", "--eval", str(source),
                                  "--eval-layout", "generic", "--eval-crop", "32"])
@@ -114,12 +111,12 @@ def test_cli_tune_and_mask(scores_file, source, tmp_path):
     assert "backbone elements tuned" in result.output and (out / "manifest.json").exists()
     evaluation = json.loads((out / "eval" / "eval.json").read_text())
     assert 0 <= evaluation["miou"] <= 100 and "mIoU" in result.output
-    again = runner.invoke(app, ["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data",
+    again = invoke(*["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data",
                                 str(source), "--out", str(out), "--crop", "32", "--steps", "2", "--workers", "0"])
     assert again.exit_code == 2 and "--overwrite" in again.output
 
     mask_path = tmp_path / "mask.safetensors"
-    result = runner.invoke(app, ["mask", "--scores", str(scores_file), "--out", str(mask_path), "--budget", "3%"])
+    result = invoke(*["mask", "--scores", str(scores_file), "--out", str(mask_path), "--budget", "3%"])
     assert result.exit_code == 0, result.output
     masks = load_file(str(mask_path))
     total = sum(p.numel() for p in pretrained(0).values())
@@ -127,7 +124,7 @@ def test_cli_tune_and_mask(scores_file, source, tmp_path):
 
 
 def test_scores_of_another_model_are_refused(scores_file, source, tmp_path):
-    result = CliRunner().invoke(app, ["tune", "--scores", str(scores_file), "--model", "timm:vit_small_patch16_224",
+    result = invoke(*["tune", "--scores", str(scores_file), "--model", "timm:vit_small_patch16_224",
                                       "--random-init", "--data", str(source), "--out", str(tmp_path / "r"),
                                       "--crop", "32", "--workers", "0"])
     assert result.exit_code == 2 and "does not match --model" in result.output

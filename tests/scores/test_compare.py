@@ -18,10 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import element_frame, ok, vit_shapes
-from typer.testing import CliRunner
+from conftest import element_frame, invoke, ok, vit_shapes
 
-from fisherscan.cli import app
 from fisherscan.errors import FisherscanError
 from fisherscan.models.groups import parameter_groups
 from fisherscan.scores.compare import average_ranks, compare_scores, inspect_scores, metadata_rows, spearman
@@ -31,7 +29,6 @@ from fisherscan.scores.summary import top_cell_counts, top_counts, top_mask
 D = 4
 CANDIDATES = ("Q", "K", "V", "FFN")
 KINDS = ("fim", "fim_shift", "delta", "drfim")
-runner = CliRunner()
 
 
 def make_scores(depth: int = 6, seed: int = 0, ties: bool = False) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,9 +49,6 @@ def write(path: Path, scores, model: str = "toy-vit") -> Path:
     save_scores(path, scores, {"model": model, "images": 16, "seed": 3})
     return path
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------------------

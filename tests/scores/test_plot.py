@@ -18,11 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import element_frame, vit_shapes
+from conftest import element_frame, invoke, vit_shapes
 from PIL import Image
-from typer.testing import CliRunner
 
-from fisherscan.cli import app
 from fisherscan.scores import plot as plotting
 from fisherscan.scores.file import load_scores, save_scores
 from fisherscan.scores.summary import cell_summary
@@ -30,7 +28,6 @@ from fisherscan.scores.summary import cell_summary
 D = 4  # embedding width
 CANDIDATES = ("Q", "K", "V", "FFN")
 KINDS = ("fim", "fim_shift", "delta", "drfim")
-runner = CliRunner()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,9 +72,6 @@ def assert_not_blank(pixels: np.ndarray) -> None:
     assert len(np.unique(packed)) > 50, "a real figure has text, a colour map and lines"
     assert (pixels < 128).any(axis=-1).mean() > 0.01, "some dark pixels: text, axes, cells"
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------------------
