@@ -4,7 +4,7 @@ Methods, all on the same batch with one sampled label map per image (the true Fi
   plain   forward + backward of the batch, parameters requiring grad (the cost of one training step; the floor)
   loop    one forward + backward per image, squares of .grad added up (the brute-force oracle)
   vmap    torch.func vmap(grad), fisherscan's reference engine (``engine="vmap"``)
-  engine  the hook engine (``engine="hooks"``, fisherscan.fisher_engine), the default
+  engine  the hook engine (``engine="hooks"``, fisherscan.fisher.engine), the default
 
 Time: all methods in this process, interleaved round by round (``--repeats`` rounds after one warm-up each), so
 a busy machine slows them alike; the median per method and its ratio to ``plain`` (the ratio of the minima is

@@ -4,7 +4,7 @@
 # of 1% -> 5% of the backbone for 40k steps (tune --recipe rein-512), slide evaluation 512/341.
 #
 # Needs: pip install 'fisherscan[mask2former]'; the official dinov2_vitl14_pretrain.pth; the data sets in the
-# layouts of DATASETS.md (GTA5 labels as trainIds or raw labelIds, Cityscapes, BDD100K, Mapillary v1.2).
+# layouts of docs/method.md (GTA5 labels as trainIds or raw labelIds, Cityscapes, BDD100K, Mapillary v1.2).
 # One GPU; tune under torchrun for several (the global batch is --batch-size x GPUs: use --batch-size 1 on 4 GPUs).
 # Every step resumes after an interruption: run the script again.
 set -euo pipefail

@@ -2,7 +2,7 @@
 
 Does DR-FIM selection (Eq. 7) generalise better than FIM (Eq. 9), Delta F (Eq. 5) or a random selection at the
 same budget? Real DGSS data and VFM weights are large downloads, so everything here is built on the spot from the
-procedural scenes of ``fisherscan.synthetic`` (8 classes, 5 visual domains with the same layouts).
+procedural scenes of ``fisherscan.data.synthetic`` (8 classes, 5 visual domains with the same layouts).
 
 Protocol (fixed before any unseen-domain number was looked at; hyperparameters were set from run time and the
 source-domain mIoU alone):
@@ -19,17 +19,17 @@ source-domain mIoU alone):
 2. **Data per seed.** Source (train): ``source_images`` scenes of the ``source`` domain drawn with seed
    ``SOURCE_SEED + seed``. Evaluation: ``val_images`` held-out scenes (seed ``VAL_SEED``, the same for every
    seed and strategy) rendered in every domain: ``source`` (seen) and fog, night, colour, blur (unseen).
-3. **Score** (Algorithm 1 steps 1-2, ``fisherscan.scoring.run_score``): warm up a linear decoder with the backbone
+3. **Score** (Algorithm 1 steps 1-2, ``fisherscan.recipes.score.run_score``): warm up a linear decoder with the backbone
    frozen (``warmup_steps``), then the diagonal estimator on ``score_images`` source images (F(x), F(x') with
-   Eq. 6 at block 0, sampled labels, FISHERTUNE.md normalisation), and the variational estimator (Eq. 10-15,
+   Eq. 6 at block 0, sampled labels, the normalisation of ``docs/method.md``), and the variational estimator (Eq. 10-15,
    ``var_steps`` steps per precision) from the same warmed head.
-4. **Tune** (Algorithm 1 step 3, ``fisherscan.tuning.run_tune``) from that head on the source data only, every
+4. **Tune** (Algorithm 1 step 3, ``fisherscan.recipes.tune.run_tune``) from that head on the source data only, every
    strategy with the same steps, batch, learning rate and data order: ``full`` (all backbone parameters),
    ``freeze`` (decoder only), and at the paper's budget (selected fraction of all backbone parameters growing
    from 1% to 5%, Eq. 16) ``random``, ``fim``, ``delta``, ``drfim`` (diagonal scores) and ``drfim-var`` (DR-FIM
    from the variational scores).
 5. **Evaluate** every tuned model on the held-out scenes of every domain: one confusion matrix per domain, mIoU
-   over the classes present (``fisherscan.evaluate``), whole-image inference.
+   over the classes present (``fisherscan.eval.evaluate``), whole-image inference.
 6. **Seeds** 0, 1, 2: each changes the source scenes, the decoder's initialisation, the label and shift draws,
    the random selection and the data order; the pretrained model and the evaluation scenes are shared. Reported:
    the mean and the sample standard deviation (ddof 1) over seeds of each domain's mIoU and of the mean over the

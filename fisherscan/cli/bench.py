@@ -1,4 +1,4 @@
-"""``fisherscan bench``: the proxy domain-generalisation benchmark (``fisherscan.proxy_dg``)."""
+"""``fisherscan bench``: the proxy domain-generalisation benchmark (``fisherscan.bench.proxy_dg``)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def score(
                                               help="variational: likelihood scale (default: images)"),
     perturb_at: int = typer.Option(0, "--perturb-at", help="block whose input tokens get Eq. 6"),
     normalize: bool = typer.Option(True, "--normalize/--literal",
-                                   help="FISHERTUNE.md normalisation or the literal Eq. 7"),
+                                   help="docs/method.md normalisation or the literal Eq. 7"),
     delta_eps: Optional[float] = typer.Option(None, "--delta-eps",
                                               help="Eq. 5 eps (default 1e-3 normalised, 1e-8 literal)"),
     shift_weight: Optional[float] = typer.Option(None, "--shift-weight", help="fixed weight of the domain term"),

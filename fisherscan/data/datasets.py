@@ -158,7 +158,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     window without flip when ``augment`` is False. A side smaller than ``crop`` is padded first (image with
     the mean colour, i.e. 0 after normalisation; label with 255). The window is normalised with
     (x / 255 - mean) / std and then padded bottom/right to S with 0 (image) and 255 (label). With an
-    ``augmentation`` (``fisherscan.augment.Augmentation``) it replaces the window and flip: resize, class-balanced
+    ``augmentation`` (``fisherscan.data.augment.Augmentation``) it replaces the window and flip: resize, class-balanced
     crop, flip and photometric distortion, drawn from ``augment_rng(seed, index, visit)``.
     """
 

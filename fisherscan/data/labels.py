@@ -1,6 +1,6 @@
 """The label space every data set ends in: the 19 Cityscapes trainIds, 255 = ignore, and the maps to it.
 
-The maps follow the method notes (DATASETS.md in the paper's ecosystem; ``docs/method.md``): Cityscapes/GTA5 raw
+The maps follow ``docs/method.md`` ("Data"): Cityscapes/GTA5 raw
 labelIds and Mapillary Vistas v1.2's 66 ids, as the Rein / DAFormer / mmsegmentation converters map them.
 """
 

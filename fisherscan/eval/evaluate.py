@@ -1,6 +1,6 @@
 """Evaluation of a segmenter on labelled data sets: per-dataset confusion matrices, mIoU tables, JSON and CSV.
 
-Protocol (DATASETS.md, ``docs/method.md``): one confusion matrix per data set over all its images (19 classes,
+Protocol (``docs/method.md``): one confusion matrix per data set over all its images (19 classes,
 255 ignored), per class IoU and mIoU over the classes present (``fisherscan.eval.metrics``); ACDC per condition
 and their mean; the headline is the plain mean of the per-dataset mIoUs. Inference: ``fisherscan.eval.inference``.
 """

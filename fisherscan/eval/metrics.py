@@ -1,4 +1,4 @@
-"""Segmentation metrics as the DG papers compute them (DATASETS.md, "Evaluation protocol").
+"""Segmentation metrics as the DG papers compute them (``docs/method.md``, "Data").
 
 A confusion matrix is accumulated over a whole data set (rows: label, columns: prediction; pixels labelled
 ``ignore_index`` are left out), then per class IoU = TP / (TP + FP + FN). A class absent from both the

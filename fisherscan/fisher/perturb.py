@@ -48,7 +48,7 @@ def shift_statistics(tokens: torch.Tensor, eps_mu: torch.Tensor, eps_sigma: torc
     """Eq. 6 for tokens (B, N, C) with given draws eps_mu, eps_sigma (B, C) and batch spreads (C,).
 
     Returns the perturbed tokens and the relative size of the applied shift per image and channel,
-    (|alpha - mu| + |beta - sigma|) / sigma, whose mean sets the shift weight (FISHERTUNE.md decisions).
+    (|alpha - mu| + |beta - sigma|) / sigma, whose mean sets the shift weight (``docs/method.md``).
     """
     mu, sigma = channel_statistics(tokens, eps)
     alpha = mu + eps_mu * spread_mu

@@ -6,7 +6,7 @@ its output. Each rule below takes a chunk of ``images`` images -- x and g with a
 ``images * k`` (k > 1 where a model folds windows or tokens into the batch, as SAM's window attention does) --
 and returns {parameter name: per-image gradients (images, *parameter shape)} for the layer's own parameters, in
 tensors the caller may overwrite (the engine squares them in place).
-Rules do no autograd; the engine (``fisherscan.fisher_engine``) squares and sums what they return.
+Rules do no autograd; the engine (``fisherscan.fisher.engine``) squares and sums what they return.
 
 One small function per layer type, dispatched by exact module type (``rule_for``), in the style of BackPACK's
 first-order extensions; the attention modules of a family get the rule its record names

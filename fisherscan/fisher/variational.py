@@ -224,7 +224,7 @@ def variational_fisher(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     summed pixel loss). Prior N(theta_pt, tau^2 I) at the model's current parameters, KL weight ``gamma``;
     ``steps`` natural-gradient steps of Eq. 11 with step size ``lr`` (0: running average), cycling through
     ``batches`` (held in memory); the likelihood is scaled by ``scale`` (default: the number of images) and the
-    scaling divided back out (``fisherscan.variational``). Labels: "sampled" draws them with uniforms from
+    scaling divided back out (``fisherscan.fisher.variational``). Labels: "sampled" draws them with uniforms from
     ``generator``; "given" uses y.
     """
     if labels not in LABEL_MODES:

@@ -1,6 +1,6 @@
 """The backbone: the timm architecture of a model spec, adapted to its family, with its weights loaded.
 
-Input size (FISHERTUNE.md decisions, ``docs/method.md``): the backbone keeps its native patch size and is built
+Input size (``docs/method.md``): the backbone keeps its native patch size and is built
 with timm's ``dynamic_img_size``, so position embeddings are interpolated at run time for any padded crop and the
 parameters keep their official shapes (SAM resizes its table per call by itself).
 """

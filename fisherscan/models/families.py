@@ -6,7 +6,7 @@ file, its ``convert`` function. Everything else reads the record: the registry o
 (``fisherscan.models.registry``), checkpoint loading (``checkpoints``), the architecture (``backbone``), and the
 hook engine (``fisherscan.fisher.engine``: ``token_layout`` and ``attention_rule``).
 
-Per family (CHECKPOINTS.md decisions, now in ``docs/method.md``):
+Per family (``docs/method.md``, "Checkpoints"):
 - SAM's encoder ends at its last block (the ``neck`` is not built; decoders read block tokens, as ViTDet/Rein-style
   heads on SAM do); it has no prefix tokens and adds its position table to the patch-embedding's token map.
 - MAE's fixed sin-cos position table is a buffer, so it is never scored or tuned; a ``*_full.pth`` has its decoder

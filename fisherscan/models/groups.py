@@ -5,7 +5,7 @@ Eq. 3 lists the candidates for fine-tuning per block l: theta_Q, theta_K, theta_
 separate projections (``q_proj``/``k_proj``/``v_proj``, EVA's ``q_bias``/``v_bias``) map directly.
 Every other parameter gets one of attn-proj, norm, embed or other, so a score file can be summarised whole.
 
-Per family (timm layouts, CHECKPOINTS.md): DINOv2, CLIP, SAM and MAE have a fused ``attn.qkv`` (with bias);
+Per family (timm layouts, ``docs/method.md``): DINOv2, CLIP, SAM and MAE have a fused ``attn.qkv`` (with bias);
 EVA02 has ``q_proj``/``k_proj``/``v_proj`` (no K bias) and a SwiGLU FFN whose every part -- ``mlp.fc1_g``
 (gate), ``mlp.fc1_x``, the sub-layer norm ``mlp.norm`` and ``mlp.fc2`` -- is FFN. SAM's relative position
 tables ``attn.rel_pos_h/w`` (windowed and global blocks alike) and LayerScale gammas are "other". MAE's fixed

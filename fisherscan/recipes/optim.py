@@ -1,6 +1,6 @@
 """AdamW that moves only the selected elements of each parameter, and the poly learning-rate schedule.
 
-Masked fine-tuning must freeze unselected elements EXACTLY (FISHERTUNE.md): no weight decay and no stale Adam
+Masked fine-tuning must freeze unselected elements EXACTLY (``docs/method.md``): no weight decay and no stale Adam
 moment may move them -- ChildTuning's optimizer decays masked weights, a known pitfall. Here the gradient is
 masked before the moments are updated (an unselected element's moments stay exactly 0 until it is selected)
 and the new value is ``torch.where(mask, updated, old)``, so an unselected element keeps its bits.

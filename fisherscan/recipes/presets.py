@@ -11,9 +11,9 @@ from ..errors import FisherscanError
 
 @dataclass(frozen=True)
 class Rein512:
-    """Rein's protocol, which the paper follows (FISHERTUNE.md): Mask2Former head on 4 blocks, crop 512, batch 4,
+    """Rein's protocol, which the paper follows (``docs/method.md``): Mask2Former head on 4 blocks, crop 512, batch 4,
     AdamW lr 1e-4 wd 0.05, poly decay 0.9, 40k steps, resize 0.5-2.0 + class-balanced crop + flip + photometric
-    distortion (``fisherscan.augment``), slide evaluation with 512 windows every 341 pixels."""
+    distortion (``fisherscan.data.augment``), slide evaluation with 512 windows every 341 pixels."""
 
     decoder: str = "mask2former"
     crop: int = 512

@@ -418,7 +418,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
 
 def evaluate_run(segmenter: Segmenter, targets: list, config: TuneConfig, device: torch.device, progress,
                  out: Path, stem: str):
-    """``--eval``: mIoU on each target (``fisherscan.evaluate``), saved as RUN_DIR/eval/<stem>.json and .csv."""
+    """``--eval``: mIoU on each target (``fisherscan.eval.evaluate``), saved as RUN_DIR/eval/<stem>.json and .csv."""
     crop = config.eval_crop if config.eval_crop is not None else config.crop
     stride = config.eval_stride if config.eval_stride is not None else max(1, (crop * 2) // 3)
     result = evaluate_datasets(segmenter, targets, crop=crop, stride=stride, device=device, progress=progress)

@@ -33,7 +33,7 @@ def top_counts(scores: dict[str, torch.Tensor], groups: dict, fraction: float) -
     """How many of the top k = ceil(fraction * n) candidate elements (Q, K, V, FFN) each group holds, and k.
 
     Exactly k elements are counted: all those above the k-th largest value, then the ones equal to it in a fixed
-    element order (parameters in ``scores`` order, row-major within each) -- as FISHERTUNE.md breaks ties.
+    element order (parameters in ``scores`` order, row-major within each) -- as ``docs/method.md`` breaks ties.
     """
     cells, k = top_cell_counts(scores, groups, fraction)
     counts = dict.fromkeys(CANDIDATE_GROUPS, 0)
@@ -47,7 +47,7 @@ def top_mask(scores: dict[str, torch.Tensor], groups: dict, fraction: float) -> 
     (the shape of its score), and k.
 
     All elements above the k-th largest value, then the ones equal to it in a fixed element order (parameters in
-    ``scores`` order, row-major within each) until exactly k -- as FISHERTUNE.md breaks ties.
+    ``scores`` order, row-major within each) until exactly k -- as ``docs/method.md`` breaks ties.
     """
     pieces = [(name, piece.rows if tensor.dim() else ...) for name, tensor in scores.items()
               for piece in groups[name] if piece.group in CANDIDATE_GROUPS]
