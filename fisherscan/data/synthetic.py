@@ -12,10 +12,12 @@ Nothing is downloaded. Each scene is generated in two independent steps:
    hue shift, blur strength, rain) comes from ``default_rng([seed, index, domain_id])``. The images
    of one index in two domains are therefore a paired view of one scene under a domain shift.
 
-Domains: ``"source"`` is the clean synthetic style; ``"fog"`` blends towards grey-white, more
+Styles (:data:`STYLES`): ``"source"`` is the clean synthetic style; ``"fog"`` blends towards grey-white, more
 strongly higher up the image (further away); ``"night"`` is dark with a colour cast, sensor noise and
 a few bright lights; ``"colour"`` rotates the class colours in hue and changes the textures;
-``"blur"`` is a gaussian blur with haze and rain streaks.
+``"blur"`` is a gaussian blur with haze and rain streaks; ``"rain"`` is overcast, wet (the ground mirrors what
+stands above it) with dense streaks; ``"snow"`` covers the ground and the tops of things and has falling flakes;
+``"toon"`` is a posterised, outlined game-like rendering. :data:`DOMAINS` are the first five.
 
 To add a class, add it to ``scenes.CLASSES``, :data:`BASE_COLOURS`, the texture tables and a
 ``_spawn_*`` function in ``scenes.scene_layout``. To add a domain, append a :class:`_Domain` to
@@ -269,23 +271,83 @@ def _blur(img, layout, rng):
     return out + rng.uniform(0.1, 0.2) * streaks[..., None]
 
 
+def _rain(img, layout, rng):
+    """Overcast rain: a darker, bluish-grey desaturated light, wet ground that mirrors the sky and lights above it,
+    dense thin near-vertical streaks and a little blur from water on the lens."""
+    h, w = layout.shape
+    scale = min(h, w) / 128.0
+    grey = img.mean(axis=2, keepdims=True)
+    out = (0.55 * img + 0.45 * grey) * rng.uniform(0.55, 0.75) * np.array([0.92, 0.97, 1.08])
+    out[layout == SKY] = 0.45 * out[layout == SKY] + 0.55 * np.array([0.52, 0.55, 0.60])
+    ground = np.isin(layout, (ROAD, SIDEWALK))
+    reflection = out[::-1]  # wet ground mirrors what stands above it, smeared vertically
+    reflection = gaussian_blur(reflection, 2.5 * scale)
+    wet = rng.uniform(0.25, 0.45)
+    out[ground] = (1.0 - wet) * out[ground] + wet * reflection[ground]
+    drops = (rng.random((h, w)) < rng.uniform(0.01, 0.02)).astype(np.float64)
+    length = max(3, int(rng.uniform(10.0, 18.0) * scale))
+    slant = rng.uniform(-0.08, 0.08)
+    streaks = sum(shift_image(drops, i, int(round(i * slant))) for i in range(length))
+    streaks = np.clip(gaussian_blur(streaks, 0.4), 0.0, 1.0)
+    out = out + rng.uniform(0.15, 0.25) * streaks[..., None]
+    return gaussian_blur(out, rng.uniform(0.3, 0.7) * scale)
+
+
+def _snow(img, layout, rng):
+    """Snow: white cover on the ground and on the tops of things, a bright bluish-white cast, low contrast, and
+    falling flakes of several sizes."""
+    h, w = layout.shape
+    scale = min(h, w) / 128.0
+    out = 0.6 * img + 0.4 * np.array([0.86, 0.90, 0.97])
+    cover = smooth_noise(rng, (h, w), 6) > rng.uniform(-0.6, -0.1)
+    ground = np.isin(layout, (ROAD, SIDEWALK, VEGETATION)) & cover
+    tops = (layout != SKY) & (shift_image((layout == SKY).astype(np.uint8), 1, 0) > 0)  # rows under open sky
+    snowy = ground | tops
+    out[snowy] = 0.25 * out[snowy] + 0.75 * np.array([0.95, 0.96, 0.99])
+    flakes = (rng.random((h, w)) < rng.uniform(0.004, 0.01)).astype(np.float64)
+    flakes = np.clip(gaussian_blur(flakes, rng.uniform(0.5, 1.2) * scale) * 6.0, 0.0, 1.0)
+    return out * (1.0 - flakes[..., None]) + flakes[..., None] * 0.98
+
+
+def _toon_style(rng):
+    """Flat, saturated colours: a game-like rendering (the source style of the benchmark, as GTA5 is for VFMs)."""
+    return _Style(saturation=rng.uniform(1.3, 1.6), texture_gain=rng.uniform(0.05, 0.2))
+
+
+def _toon(img, layout, rng):
+    """Posterised colours (a few levels per channel) with dark outlines along every object boundary."""
+    levels = int(rng.integers(4, 7))
+    out = np.round(np.clip(img, 0.0, 1.0) * (levels - 1)) / (levels - 1)
+    edges = np.zeros(layout.shape, dtype=bool)
+    for dy, dx in ((1, 0), (0, 1)):
+        moved = shift_image(layout.astype(np.int16) + 1, dy, dx)
+        edges |= (moved != layout.astype(np.int16) + 1) & (moved > 0)
+    out[edges] = 0.08 * out[edges] + 0.02
+    return out
+
+
 _DOMAIN_LIST = (
     _Domain("source"),
     _Domain("fog", shift=_fog),
     _Domain("night", shift=_night),
     _Domain("colour", style=_colour_style, shift=_colour_shift),
     _Domain("blur", shift=_blur),
+    _Domain("rain", shift=_rain),
+    _Domain("snow", shift=_snow),
+    _Domain("toon", style=_toon_style, shift=_toon),
 )
 _DOMAINS_BY_NAME = {d.name: (i, d) for i, d in enumerate(_DOMAIN_LIST)}
 
-#: The visual domains, in domain-id order ("source" = 0 is the clean style every domain starts from).
-DOMAINS = tuple(d.name for d in _DOMAIN_LIST)
+#: Every visual style, in domain-id order ("source" = 0 is the clean style every domain starts from).
+STYLES = tuple(d.name for d in _DOMAIN_LIST)
+#: The five domains of the demo and the proxy benchmark v1 (later styles are appended after them).
+DOMAINS = STYLES[:5]
 
 
 def _domain(name: str) -> tuple[int, _Domain]:
     """``(domain_id, spec)`` of a domain name; a one-line FisherscanError naming the choices otherwise."""
     if name not in _DOMAINS_BY_NAME:
-        raise FisherscanError(f"unknown synthetic domain {name!r}: choose from {', '.join(DOMAINS)}")
+        raise FisherscanError(f"unknown synthetic domain {name!r}: choose from {', '.join(STYLES)}")
     return _DOMAINS_BY_NAME[name]
 
 
@@ -294,7 +356,7 @@ def render_scene(layout: np.ndarray, domain: str, seed: int, index: int) -> np.n
 
     The clean rendering (colours, textures) is drawn from ``default_rng([seed, index, 0])`` and so
     is shared by all domains; the domain's own randomness is drawn from
-    ``default_rng([seed, index, domain_id])`` with ``domain_id = DOMAINS.index(domain)``.
+    ``default_rng([seed, index, domain_id])`` with ``domain_id = STYLES.index(domain)``.
     Label values outside :data:`CLASSES` render as flat grey.
     """
     domain_id, spec = _domain(domain)

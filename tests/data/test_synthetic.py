@@ -1,4 +1,4 @@
-"""Tests of the procedural scene generator (fisherscan.synthetic)."""
+"""Tests of the procedural scene generator (fisherscan.data.scenes, fisherscan.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fisherscan.data.scenes import CLASSES, scene_layout
-from fisherscan.data.synthetic import DOMAINS, make_scene, render_scene, write_dataset
+from fisherscan.data.synthetic import DOMAINS, STYLES, make_scene, render_scene, write_dataset
 from fisherscan.errors import FisherscanError
 
 SIZE = (128, 128)
@@ -22,7 +22,7 @@ def layouts():
 @pytest.fixture(scope="module")
 def images(layouts):
     """{domain: [rgb of scenes 0..7]}"""
-    return {d: [render_scene(layouts[i], d, 0, i) for i in range(8)] for d in DOMAINS}
+    return {d: [render_scene(layouts[i], d, 0, i) for i in range(8)] for d in STYLES}
 
 
 def _grey(img):
@@ -38,9 +38,10 @@ def test_api_constants():
     assert CLASSES == {0: "road", 1: "sidewalk", 2: "building", 5: "pole", 8: "vegetation", 10: "sky", 11: "person",
                        13: "car"}
     assert DOMAINS == ("source", "fog", "night", "colour", "blur")
+    assert STYLES == (*DOMAINS, "rain", "snow", "toon")  # appended: the ids of the first five never change
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", STYLES)
 def test_deterministic(domain):
     rgb1, label1 = make_scene(3, 5, domain)
     rgb2, label2 = make_scene(3, 5, domain)
@@ -58,13 +59,44 @@ def test_layout_depends_on_seed_and_index(layouts):
 
 def test_layout_same_across_domains_images_differ():
     rgbs = {}
-    for domain in DOMAINS:
+    for domain in STYLES:
         rgb, label = make_scene(0, 7, domain)
         np.testing.assert_array_equal(label, scene_layout(0, 7, SIZE))
         rgbs[domain] = rgb.astype(np.int16)
-    for i, a in enumerate(DOMAINS):
-        for b in DOMAINS[i + 1 :]:
+    for i, a in enumerate(STYLES):
+        for b in STYLES[i + 1 :]:
             assert np.abs(rgbs[a] - rgbs[b]).mean() > 5, (a, b)
+
+
+def _saturation(img):
+    rgb = img.astype(np.float64)
+    return (rgb.max(axis=2) - rgb.min(axis=2)).mean()
+
+
+def test_rain_is_darker_greyer_and_streaked(images):
+    for rain, source in zip(images["rain"], images["source"]):
+        assert rain.mean() < 0.92 * source.mean()
+        assert _saturation(rain) < 0.7 * _saturation(source)
+    # thin near-vertical streaks: rain's vertical neighbours agree more than its horizontal ones, beyond the source's
+    rain_ratio = np.mean([(np.diff(_grey(r), axis=1) ** 2).mean() / (np.diff(_grey(r), axis=0) ** 2).mean()
+                          for r in images["rain"]])
+    source_ratio = np.mean([(np.diff(_grey(r), axis=1) ** 2).mean() / (np.diff(_grey(r), axis=0) ** 2).mean()
+                            for r in images["source"]])
+    assert rain_ratio > source_ratio
+
+
+def test_snow_whitens_the_ground(layouts, images):
+    for i, (snow, source) in enumerate(zip(images["snow"], images["source"])):
+        ground = np.isin(layouts[i], (0, 1, 8))
+        assert snow[ground].mean() > source[ground].mean() + 30
+
+
+def test_toon_is_posterised_and_outlined(layouts, images):
+    for i, (toon, source) in enumerate(zip(images["toon"], images["source"])):
+        assert len(np.unique(toon.reshape(-1, 3), axis=0)) < 0.3 * len(np.unique(source.reshape(-1, 3), axis=0))
+        boundary = layouts[i][1:, :] != layouts[i][:-1, :]  # a label change between a row and the next
+        dark = _grey(toon)[1:, :] < 20
+        assert dark[boundary].mean() > 0.5 and dark[~boundary].mean() < 0.1
 
 
 def test_night_is_darker(images):
@@ -124,7 +156,7 @@ def test_non_square_size():
 
 def test_bad_arguments():
     with pytest.raises(FisherscanError, match="unknown synthetic domain"):
-        make_scene(0, 0, "snow")
+        make_scene(0, 0, "hail")
     with pytest.raises(FisherscanError, match="at least 16x16"):
         scene_layout(0, 0, (8, 128))
     with pytest.raises(FisherscanError, match="uint8"):
@@ -153,5 +185,5 @@ def test_write_dataset(tmp_path):
 
 def test_write_dataset_rejects_unknown_domain(tmp_path):
     with pytest.raises(FisherscanError, match="unknown synthetic domain"):
-        write_dataset(tmp_path, domains=("source", "rain"), images_per_domain=1)
+        write_dataset(tmp_path, domains=("source", "hail"), images_per_domain=1)
     assert not any(tmp_path.iterdir())
