@@ -125,7 +125,7 @@ def test_a_bad_image_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
     bad = sorted((source / "images").glob("*.png"))[2]
     bad.write_bytes(bad.read_bytes()[:80])
     ranks = start_ranks(score_command(source, tmp_path / "two.safetensors"))
-    outputs = finish(ranks, timeout=120)
+    outputs = finish(ranks, timeout=300)
     errors = []
     for rank, (_, err) in zip(ranks, outputs):
         assert rank.returncode == 2, err[-2000:]
