@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = ("crop", "labels", "shift", "points", "augment")  # append only: indices key the seeds
+STREAMS = ("crop", "labels", "shift", "points", "augment", "site", "pixel")  # append only: indices key the seeds
 
 
 def keyed_seed(seed: int, index: int, stream: str, visit: int = 0) -> int:

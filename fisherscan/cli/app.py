@@ -46,14 +46,15 @@ def parse_fraction(text: str, option: str, allow_zero: bool = True) -> float:
     return value
 
 
-def parse_blocks(text: str | None) -> tuple[int, ...] | None:
-    """'7,11,15,23' -> (7, 11, 15, 23) for --feature-blocks; None stays None."""
+def parse_blocks(text: str | None, option: str = "--feature-blocks") -> tuple[int, ...] | None:
+    """'7,11,15,23' -> (7, 11, 15, 23) for --feature-blocks or --perturb-at; None stays None."""
     if text is None:
         return None
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise FisherscanError(f"--feature-blocks {text}: pass 4 block indices like 7,11,15,23") from None
+        example = "7,11,15,23" if option == "--feature-blocks" else "0,2,4"
+        raise FisherscanError(f"{option} {text}: pass block indices like {example}") from None
 
 
 def print_paths(*labelled: tuple[str, Path]) -> None:

@@ -21,13 +21,30 @@ def report_scores(result, out: Path) -> None:
     meta = result.metadata
     stdout.print(summary_table(frame, escape(f"{meta['model']}: {meta['images']} images, shift weight "
                                              f"{meta['shift']['weight']:.3f}")))
+    if "reliability" in meta:
+        stdout.print(reliability_table(meta["reliability"]))
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     print_paths(("scores", out), ("head", result.head_path), ("table", csv_path))
 
 
+def reliability_table(record: dict):
+    """Per kind, the two halves' top-k Jaccard and Spearman, and Spearman-Brown's estimate for the full set."""
+    from rich.table import Table
+
+    table = Table(title=f"reliability: {record['halves']}, top {record['top']:.0%}")
+    for column in ("kind", "top-k Jaccard", "Spearman (halves)", "Spearman-Brown (full)"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind in ("fim", "fim_shift", "delta", "drfim"):
+        row = record[kind]
+        table.add_row(kind, f"{row['jaccard_top']:.3f}", f"{row['spearman_halves']:.3f}",
+                      f"{row['spearman_brown']:.3f}")
+    return table
+
+
 @app.command()
 def score(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; "
                                                     "?key=value&... passes create_model arguments"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
@@ -43,9 +60,8 @@ def score(
                                                           "torchrun the global batch, split across the ranks"),
     crop: int = typer.Option(512, "--crop", help="square crop; padded to a multiple of the patch size"),
     decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
-    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks",
-                                                 help="multilevel/mask2former: 4 block indices (default: Rein's "
-                                                      "7,11,15,23 at depth 24, else evenly spaced)"),
+    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks", help="4 block indices (multilevel, "
+                                                 "mask2former; default Rein's 7,11,15,23 at depth 24)"),
     head: Optional[Path] = typer.Option(None, "--head", help="load a warmed-up head instead of warming up"),
     warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up steps (Algorithm 1, step 1)"),
     warmup_lr: float = typer.Option(1e-3, "--warmup-lr"),
@@ -57,7 +73,17 @@ def score(
     var_lr: float = typer.Option(0.0, "--var-lr", help="variational: step size (0: running average)"),
     var_scale: Optional[float] = typer.Option(None, "--var-scale",
                                               help="variational: likelihood scale (default: images)"),
-    perturb_at: int = typer.Option(0, "--perturb-at", help="block whose input tokens get Eq. 6"),
+    label_draws: int = typer.Option(1, "--label-draws", help="label draws per image, its squares averaged"),
+    shift: str = typer.Option("eq6", "--shift", help="the simulated domain of F(x'): eq6 or pixel"),
+    shift_data: Optional[Path] = typer.Option(None, "--shift-data", help="real images of another style for F(x')"),
+    perturb_at: str = typer.Option("0", "--perturb-at", help="block(s) whose input tokens get Eq. 6, e.g. 0,2,4"),
+    perturb_prob: float = typer.Option(1.0, "--perturb-prob", help="probability of Eq. 6 per image and site"),
+    perturb_strength: float = typer.Option(1.0, "--perturb-strength", help="multiplies Eq. 6's spread"),
+    spread: str = typer.Option("batch", "--spread", help="Eq. 6's spread: batch (DSU) or pool (fixed)"),
+    spread_pool: int = typer.Option(64, "--spread-pool", help="images of the pool of --spread pool"),
+    drfim_weight: float = typer.Option(1.0, "--drfim-weight", help="lambda in DR-FIM = F + lambda * w * Delta F"),
+    combine: str = typer.Option("sum", "--combine", help="sum (normalised values) or rank (ranks)"),
+    replicates: int = typer.Option(1, "--replicates", help="2: report each kind's half-vs-half reliability"),
     normalize: bool = typer.Option(True, "--normalize/--literal",
                                    help="docs/method.md normalisation or the literal Eq. 7"),
     delta_eps: Optional[float] = typer.Option(None, "--delta-eps",
@@ -86,17 +112,8 @@ def score(
     from ..recipes.score import run_score
 
     with user_errors():
-        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init,
-                             strict=strict, layout=layout,
-                             split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder,
-                             feature_blocks=parse_blocks(feature_blocks), head=head,
-                             warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, estimator=estimator,
-                             gamma=gamma, tau=tau, var_steps=var_steps, var_lr=var_lr, var_scale=var_scale,
-                             perturb_at=perturb_at,
-                             normalize=normalize, delta_eps=delta_eps, shift_weight=shift_weight, seed=seed,
-                             device=device, workers=workers, chunk_size=chunk_size, overwrite=overwrite,
-                             save_every=save_every, resume=resume, stop_after=stop_after, max_bad_frac=max_bad_frac,
-                             skip_bad=skip_bad)
+        config = ScoreConfig(**{**ctx.params, "feature_blocks": parse_blocks(feature_blocks),
+                                 "perturb_at": parse_blocks(perturb_at, "--perturb-at")})
         result = run_score(config, console)
         if not result.main:  # torchrun: rank 0 reports
             return

@@ -52,7 +52,8 @@ def _check_same_size(pair: Pair, image_size: tuple[int, int], label_size: tuple[
 def validate_pairs(pairs: Sequence[Pair]) -> None:
     """Open every image and label header (no pixel decoding): unreadable files and size mismatches raise."""
     for pair in pairs:
-        _check_same_size(pair, _header_size(pair.image), _header_size(pair.label))
+        size = _header_size(pair.image)
+        _check_same_size(pair, size, _header_size(pair.label) if pair.label is not None else size)
 
 
 def check_pairs(pairs: Sequence[Pair], skip_bad: bool = False) -> tuple[list[Pair], list[dict]]:
@@ -122,8 +123,11 @@ def _bad_values_error(pair: Pair, values: np.ndarray) -> FisherscanError:
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 (H, W, 3), trainId label int64 (H, W)) of one pair, the label map applied and checked."""
+    """(RGB uint8 (H, W, 3), trainId label int64 (H, W)) of one pair, the label map applied and checked. An
+    unlabelled image (``pair.label`` None) gets label 0 everywhere: every pixel valid, for sampled labels."""
     image = _read_rgb(pair.image)
+    if pair.label is None:
+        return image, np.zeros(image.shape[:2], dtype=np.int64)
     raw = _read_label(pair.label)
     _check_same_size(pair, (image.shape[1], image.shape[0]), (raw.shape[1], raw.shape[0]))
     if raw.dtype != np.uint8:

@@ -26,11 +26,11 @@ class Pair:
     """One image and its label file.
 
     label_map: None when the label already holds trainIds, "cityscapes" for raw Cityscapes/GTA5 labelIds,
-    "mapillary" for the 66 Mapillary Vistas v1.2 ids.
+    "mapillary" for the 66 Mapillary Vistas v1.2 ids. ``label`` None: an unlabelled image (``score --shift-data``).
     """
 
     image: Path
-    label: Path
+    label: Path | None
     label_map: str | None
 
 

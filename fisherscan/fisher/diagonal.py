@@ -38,7 +38,7 @@ def make_engine(model: nn.Module, engine: str = "hooks", chunk_size: int = 8,
 
 def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None,
                          *, ignore_index: int = 255, shift: TokenShift | None = None,
-                         shift_eps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         shift_eps: tuple[torch.Tensor, ...] | None = None,
                          chunk_size: int = 8, autocast_dtype: torch.dtype | None = None,
                          engine: str = "hooks") -> dict[str, torch.Tensor]:
     """sum_i (d loss_i / d theta)^2 over the images of one batch, fp32, for every parameter with requires_grad.

@@ -3,6 +3,12 @@
     Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps)                   (Eq. 5)
     DRF     = F(x) + w * Delta F,   w = exp(-(eps_mu + eps_sigma))         (Eq. 7)
 
+Eq. 7 adds a quantity with units (F) to a ratio; the balance of the two terms is a free parameter the paper never
+fixes. fisherscan makes it explicit: DRF = F + lambda * w * Delta F (``drfim_weight`` lambda, 1 = Eq. 7), either on
+the normalised values (``combine="sum"``) or on their ranks over the candidate elements (``combine="rank"``: each
+term replaced by its average rank divided by the number of candidates, so both lie in (0, 1]; unit-free; other
+elements 0).
+
 Decisions (``docs/method.md``): F(x) and F(x') are divided by the mean of F(x) over the candidate elements
 (Q, K, V, FFN) first, so both terms are O(1); Eq. 5's eps is then a relative floor, ``DELTA_EPS_NORMALIZED``
 (1e-3), instead of the printed 1e-8 (``DELTA_EPS_LITERAL``, kept for the literal formula); the shift weight is
@@ -16,6 +22,9 @@ from typing import Iterable
 
 import torch
 
+from ..stats import average_ranks
+
+COMBINE_MODES = ("sum", "rank")
 DELTA_EPS_LITERAL = 1e-8  # Eq. 5 as printed
 DELTA_EPS_NORMALIZED = 1e-3  # a relative floor once F is in units of its candidate mean
 
@@ -45,15 +54,31 @@ def shift_weight(magnitude: float) -> float:
     return math.exp(-magnitude)
 
 
+def candidate_ranks(values: dict[str, torch.Tensor], candidates: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Each candidate element's average rank among all candidate elements (ascending, ties sharing the mean of
+    their ranks) divided by their number, so in (0, 1]; every other parameter 0."""
+    names = [n for n in values if n in set(candidates)]
+    flat = torch.cat([values[n].reshape(-1).double() for n in names])
+    ranks = (average_ranks(flat) / max(flat.numel(), 1)).float()
+    out = {n: torch.zeros_like(v, dtype=torch.float32) for n, v in values.items()}
+    for name, piece in zip(names, ranks.split([values[n].numel() for n in names])):
+        out[name] = piece.view(values[name].shape)
+    return out
+
+
 def dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
-                 normalize: bool = True, candidates: Iterable[str] | None = None, eps: float | None = None
+                 normalize: bool = True, candidates: Iterable[str] | None = None, eps: float | None = None,
+                 drfim_weight: float = 1.0, combine: str = "sum"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    """Eq. 7 with its parts: (Delta F of Eq. 5, DRF = F(x) + w * Delta F, the scale F was divided by).
+    """Eq. 7 with its parts: (Delta F of Eq. 5, DRF = F(x) + lambda * w * Delta F, the scale F was divided by).
 
     ``normalize=True`` (fisherscan's default): F(x) and F(x') are divided by the mean of F(x) over the candidate
     elements first, so both terms are O(1), and Eq. 5's eps is a relative floor (``default_delta_eps``).
-    ``normalize=False`` is the literal formula with eps = 1e-8 (scale 1).
+    ``normalize=False`` is the literal formula with eps = 1e-8 (scale 1). ``drfim_weight`` lambda and ``combine``
+    set the balance (module doc); lambda 1 and "sum" are Eq. 7.
     """
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, not {combine!r}")
     if eps is None:
         eps = default_delta_eps(normalize)
     scale = 1.0
@@ -64,7 +89,12 @@ def dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tens
         f_clean = {n: v / scale for n, v in f_clean.items()}
         f_shift = {n: v / scale for n, v in f_shift.items()}
     delta = delta_fisher(f_clean, f_shift, eps)
-    return delta, {name: f_clean[name] + shift_weight * delta[name] for name in f_clean}, scale
+    weight = shift_weight * drfim_weight if drfim_weight != 1 else shift_weight
+    if combine == "rank":
+        names = list(f_clean) if candidates is None else list(candidates)
+        task, domain = candidate_ranks(f_clean, names), candidate_ranks(delta, names)
+        return delta, {name: task[name] + weight * domain[name] for name in f_clean}, scale
+    return delta, {name: f_clean[name] + weight * delta[name] for name in f_clean}, scale
 
 
 def dr_fim(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,

@@ -277,7 +277,7 @@ class HookEngine:
 
     def squared_gradient_sum(self, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None, *,
                              ignore_index: int = 255, shift: TokenShift | None = None,
-                             shift_eps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             shift_eps: tuple[torch.Tensor, ...] | None = None,
                              autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """sum_i (d loss_i / d theta)^2 over the images of the batch, fp32, for every scored parameter."""
         self.images, self.visits = x.shape[0], {}

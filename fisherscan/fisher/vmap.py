@@ -21,7 +21,7 @@ from .perturb import TokenShift
 def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                               uniforms: torch.Tensor | None = None, *, ignore_index: int = 255,
                               shift: TokenShift | None = None,
-                              shift_eps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              shift_eps: tuple[torch.Tensor, ...] | None = None,
                               chunk_size: int = 8, autocast_dtype: torch.dtype | None = None
                               ) -> dict[str, torch.Tensor]:
     """``squared_gradient_sum`` by torch.func: vmap of grad over the images, in chunks, for the parameters
@@ -31,9 +31,9 @@ def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor],
     device_type = x.device.type
     sampled = uniforms is not None
 
-    def loss_of_one(params, x1, y1, u1, eps_mu1, eps_sigma1):
+    def loss_of_one(params, x1, y1, u1, *draws1):
         if shift is not None:
-            shift.eps = (eps_mu1.unsqueeze(0), eps_sigma1.unsqueeze(0))
+            shift.eps = tuple(d.unsqueeze(0) for d in draws1)
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = functional_call(model, params, (x1.unsqueeze(0),))
         logits = upsample_logits(logits.float(), tuple(y1.shape[-2:]))
@@ -46,7 +46,7 @@ def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor],
         shift_eps = (torch.zeros(batch, 1), torch.zeros(batch, 1))
     # randomness allowed: an eval-mode model may still draw (transformers < 5.x Mask2Former draws its layer-drop
     # coin even in eval mode, without using it)
-    per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0, 0), randomness="different")
+    per_image_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, *[0] * len(shift_eps)), randomness="different")
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     inputs = (x, y, uniforms, *shift_eps)
     # no_grad outside: torch.func.grad still differentiates inside, but parameters outside ``params`` that

@@ -21,7 +21,6 @@ import torch
 
 from .. import __version__
 from ..errors import FisherscanError
-from ..fisher.diagonal import FisherAccumulator
 from ..fisher.variational import VariationalResult, precision_to_fisher
 from ..io import atomic_target, options_json, read_info, read_tensors, write_tensors
 from ..models.segmenter import Segmenter
@@ -51,13 +50,29 @@ def write_partial(path: Path, tensors: dict[str, torch.Tensor], info: dict, segm
     write_tensors(path, tensors, "partial", info)
 
 
-def save_diagonal_partial(path: Path, clean: FisherAccumulator, shifted: FisherAccumulator, counters: dict,
-                          segmenter: Segmenter, config: ScoreConfig, context: dict) -> None:
-    """The diagonal estimator's state: both sums (``clean/``, ``shifted/``) and its counters."""
-    tensors = {f"clean/{n}": v for n, v in clean.sums.items()}
-    tensors.update({f"shifted/{n}": v for n, v in shifted.sums.items()})
-    info = {"next_image": counters["next_image"], "clean_images": clean.images, "shifted_images": shifted.images,
-            "shift_magnitude_sum": counters["shift_magnitude_sum"], "bad_batches": counters["bad_batches"]}
+def _part_prefix(kind: str, part: int) -> str:
+    """Tensor-name prefix of a replicate's sums: ``clean/`` for the first (as files with one part always had),
+    ``clean1/`` for the second."""
+    return f"{kind}{part if part else ''}/"
+
+
+def save_diagonal_partial(path: Path, parts: list, counters: dict, segmenter: Segmenter, config: ScoreConfig,
+                          context: dict) -> None:
+    """The diagonal estimator's state: each replicate's two sums (``clean/``, ``shifted/``; ``clean1/``, ... for
+    the second half) and the counters."""
+    tensors, extra_parts = {}, []
+    for k, part in enumerate(parts):
+        tensors.update({_part_prefix("clean", k) + n: v for n, v in part.clean.sums.items()})
+        tensors.update({_part_prefix("shifted", k) + n: v for n, v in part.shifted.sums.items()})
+        if k:
+            extra_parts.append({"clean_images": part.clean.images, "shifted_images": part.shifted.images,
+                                "shift_magnitude_sum": part.shift_magnitude_sum})
+    first = parts[0]
+    info = {"next_image": counters["next_image"], "clean_images": first.clean.images,
+            "shifted_images": first.shifted.images, "shift_magnitude_sum": first.shift_magnitude_sum,
+            "bad_batches": counters["bad_batches"]}
+    if extra_parts:
+        info["parts"] = extra_parts
     write_partial(path, tensors, info, segmenter, config, context)
 
 
@@ -101,20 +116,24 @@ def _part(tensors: dict, prefix: str, order: list[str]) -> dict:
     return {n: found[n] for n in order if n in found} if set(found) <= set(order) else found
 
 
-def restore_diagonal_partial(path: Path, info: dict, segmenter: Segmenter, clean: FisherAccumulator,
-                             shifted: FisherAccumulator) -> dict:
-    """Load the sums into ``clean`` and ``shifted`` and the head into ``segmenter.decoder``; return the counters."""
+def restore_diagonal_partial(path: Path, info: dict, segmenter: Segmenter, parts: list) -> dict:
+    """Load each replicate's sums into ``parts`` and the head into ``segmenter.decoder``; return the counters."""
     tensors, _ = read_tensors(path, "partial", FRESH)
-    order = list(clean.sums)
-    saved_clean, saved_shifted = _part(tensors, "clean/", order), _part(tensors, "shifted/", order)
-    if (set(saved_clean) != set(clean.sums) or set(saved_shifted) != set(shifted.sums)
-            or any(saved_clean[n].shape != clean.sums[n].shape for n in saved_clean)):
-        raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
-    clean.load_state_dict({"sums": saved_clean, "images": info["clean_images"]})
-    shifted.load_state_dict({"sums": saved_shifted, "images": info["shifted_images"]})
+    records = [info, *info.get("parts", [])]
+    if len(records) != len(parts):
+        raise FisherscanError(f"{path}: does not fit this run ({len(records)} replicates); {FRESH}")
+    for k, (part, record) in enumerate(zip(parts, records)):
+        order = list(part.clean.sums)
+        clean, shifted = _part(tensors, _part_prefix("clean", k), order), _part(tensors, _part_prefix("shifted", k),
+                                                                               order)
+        if (set(clean) != set(part.clean.sums) or set(shifted) != set(part.shifted.sums)
+                or any(clean[n].shape != part.clean.sums[n].shape for n in clean)):
+            raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
+        part.clean.load_state_dict({"sums": clean, "images": record["clean_images"]})
+        part.shifted.load_state_dict({"sums": shifted, "images": record["shifted_images"]})
+        part.shift_magnitude_sum = float(record["shift_magnitude_sum"])
     restore_head(tensors, segmenter, path)
-    return {"next_image": int(info["next_image"]), "shift_magnitude_sum": float(info["shift_magnitude_sum"]),
-            "bad_batches": int(info.get("bad_batches", 0))}
+    return {"next_image": int(info["next_image"]), "bad_batches": int(info.get("bad_batches", 0))}
 
 
 def restore_variational_partial(path: Path, info: dict, segmenter: Segmenter, config: ScoreConfig,

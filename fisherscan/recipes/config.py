@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..models.groups import CANDIDATE_GROUPS
 
-PANELS = ("model", "data", "method", "variational", "selection", "optimisation", "evaluation", "run control",
-          "output")
+PANELS = ("model", "data", "method", "shift", "variational", "selection", "optimisation", "evaluation",
+          "run control", "output")
 
 # options that may change between a stopped run and its continuation: none of them changes a result
 RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_every", "max_bad_frac", "eval",
@@ -82,11 +82,31 @@ class ScoreConfig(RunConfig):
     var_scale: float | None = option(None, "likelihood scale (default: the number of images)", "variational")
     var_tolerance: float = option(0.05, "converged when Lambda's mean relative change over the last 10% of the steps "
                                         "is below this", "variational")
-    perturb_at: int = option(0, "block whose input tokens get Eq. 6", "method")
+    label_draws: int = option(1, "sampled labels drawn per image; its squares are averaged over them (K passes "
+                                 "per image and shift)", "method")
+    shift: str = option("eq6", "the simulated unseen domain of F(x'): eq6 (feature statistics, Eq. 6) or pixel "
+                               "(photometric, contrast, haze and blur change of each image)", "shift")
+    shift_data: Path | None = option(None, "real images of another style for F(x') instead: the same scenes (same "
+                                           "relative paths: paired) or any images (unpaired); overrides --shift",
+                                     "shift")
+    perturb_at: tuple[int, ...] = option((0,), "block(s) whose input tokens get Eq. 6, e.g. 0,2,4 (the first one "
+                                               "also measures the shift s of the other families)", "shift")
+    perturb_prob: float = option(1.0, "probability that Eq. 6 is applied at a site, per image and site (DSU: 0.5)",
+                                 "shift")
+    perturb_strength: float = option(1.0, "multiplies Eq. 6's spread (or the pixel family's ranges)", "shift")
+    spread: str = option("batch", "Eq. 6's spread of the statistics: batch (the batch's, as DSU) or pool (the "
+                                  "first --spread-pool images', fixed)", "shift")
+    spread_pool: int = option(64, "images of the pool of --spread pool", "shift")
     normalize: bool = option(True, "divide F by its candidate mean before Eq. 5/7 (docs/method.md), or the literal "
                                    "formula", "method", flag="--normalize/--literal")
     delta_eps: float | None = option(None, "Eq. 5's eps (default 1e-3 normalised, 1e-8 literal)", "method")
     shift_weight: float | None = option(None, "a fixed weight of the domain term of Eq. 7 (default exp(-s))", "method")
+    drfim_weight: float = option(1.0, "lambda in DR-FIM = F + lambda * w * Delta F (Eq. 7's balance)", "method")
+    combine: str = option("sum", "sum (F + lambda w Delta F in normalised units) or rank (the same on the ranks "
+                                 "of F and Delta F over the candidates: unit-free)", "method")
+    replicates: int = option(1, "2: also score the even- and odd-index images apart and report each kind's "
+                                "half-vs-half agreement (top-k Jaccard, Spearman with Spearman-Brown); no extra cost",
+                             "method")
     chunk_size: int = option(8, "images per chunk of per-image gradient work (bounds memory)", "run control")
 
 
@@ -127,7 +147,19 @@ class TuneConfig(RunConfig):
     save_every: int = option(100, "steps between resumable checkpoints", "run control")
 
 
+# options added since files were first written: the value that reproduces what a file without them did
+LEGACY = {"label_draws": 1, "shift": "eq6", "shift_data": None, "perturb_prob": 1.0, "perturb_strength": 1.0,
+          "spread": "batch", "spread_pool": 64, "drfim_weight": 1.0, "combine": "sum", "replicates": 1}
+
+
+def recorded_option(saved: dict, key: str):
+    """An option as a file recorded it, in today's spelling: a missing one takes its ``LEGACY`` value, a single
+    block of ``perturb_at`` becomes a list."""
+    value = saved.get(key, LEGACY.get(key))
+    return [value] if key == "perturb_at" and isinstance(value, int) else value
+
+
 def changed_options(saved: dict, now: dict) -> list[str]:
     """The recorded options (JSON) of a stopped run that differ from this run's, ``RESUME_SAFE`` left out."""
     keys = (set(saved) | set(now)) - set(RESUME_SAFE)
-    return sorted(k for k in keys if saved.get(k) != now.get(k))
+    return sorted(k for k in keys if recorded_option(saved, k) != now.get(k))

@@ -18,8 +18,6 @@ whose squared-gradient sums are not finite is skipped and counted (``bad_batches
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +25,12 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .. import __version__
-from ..data.datasets import SegmentationDataset, check_pairs, make_loader, padded_size, skipped_note
+from ..data.datasets import SegmentationDataset, check_pairs, make_loader, skipped_note
 from ..data.labels import NUM_CLASSES
 from ..data.layouts import find_pairs, select_images
+from ..data.shift_data import ShiftedDataset, find_shift_images
 from ..errors import FisherscanError
 from ..fisher.diagonal import make_engine
-from ..fisher.drfim import default_delta_eps, dr_fim_terms, shift_weight
-from ..fisher.loss import LABEL_MODES
-from ..io import options_json
 from ..models.backbone import Backbone, build_backbone
 from ..models.groups import candidate_names, parameter_groups
 from ..models.heads import head_path_for, load_head, save_head
@@ -45,13 +40,12 @@ from ..scores.file import save_scores
 from . import checkpoint, distributed
 from .config import ScoreConfig
 from .distributed import Ranks
+from .score_checks import check_config
 from .score_loop import Estimate, all_finite, new_state, run_diagonal
+from .score_record import combine, reliability, score_metadata
 from .score_variational import run_variational
+from .shifts import make_shift
 from .warmup import warm_up_decoder
-
-ESTIMATORS = ("diagonal", "variational")
-# run control, left out of the scores file's options so a continued run writes the same file as an uninterrupted one
-RUN_CONTROL = ("resume", "stop_after", "save_every")
 
 
 @dataclass
@@ -81,53 +75,13 @@ class ScoreRun:
     skipped: list[dict]
     partial_path: Path | None
     partial: dict | None
+    shift_mode: str  # "eq6", "pixel", "paired" or "unpaired" (--shift-data)
     notes: list[str] = field(default_factory=list)  # saved in the metadata
     run_notes: list[str] = field(default_factory=list)  # about this invocation only (printed, not saved)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16 if self.device.type == "cuda" else None
-
-
-def check_config(config: ScoreConfig) -> None:
-    """Option mistakes, found before any work is done."""
-    if config.estimator not in ESTIMATORS:
-        raise FisherscanError(f"--estimator {config.estimator}: use one of {', '.join(ESTIMATORS)}")
-    if config.gamma <= 0 or config.tau <= 0 or config.var_steps < 1 or not 0 <= config.var_lr < 1:
-        raise FisherscanError("--gamma and --tau must be > 0, --var-steps >= 1 and 0 <= --var-lr < 1")
-    if config.labels not in LABEL_MODES:
-        raise FisherscanError(f"--labels {config.labels}: use one of {', '.join(LABEL_MODES)}")
-    for option, value in (("--batch-size", config.batch_size), ("--crop", config.crop), ("--chunk-size",
-                                                                                         config.chunk_size)):
-        if value < 1:
-            raise FisherscanError(f"{option} {value}: must be at least 1")
-    if config.warmup_steps < 0:
-        raise FisherscanError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
-    warmup_lr_ok = math.isfinite(config.warmup_lr) and config.warmup_lr > 0
-    if config.head is None and config.warmup_steps > 0 and not warmup_lr_ok:
-        raise FisherscanError(f"--warmup-lr {config.warmup_lr}: must be a finite number > 0")
-    if config.shift_weight is not None and not (math.isfinite(config.shift_weight) and config.shift_weight >= 0):
-        raise FisherscanError(f"--shift-weight {config.shift_weight}: must be a finite number >= 0")
-    if config.delta_eps is not None and not (math.isfinite(config.delta_eps) and config.delta_eps > 0):
-        raise FisherscanError(f"--delta-eps {config.delta_eps}: must be a finite number > 0")
-    if config.images is not None and config.images < 1:
-        raise FisherscanError(f"--images {config.images}: must be at least 1 (leave it out to score every image)")
-    if config.save_every < 1:
-        raise FisherscanError(f"--save-every {config.save_every}: must be at least 1")
-    if config.stop_after is not None and config.stop_after < 1:
-        raise FisherscanError(f"--stop-after {config.stop_after}: must be at least 1")
-    if not (math.isfinite(config.max_bad_frac) and 0 <= config.max_bad_frac <= 1):
-        raise FisherscanError(f"--max-bad-frac {config.max_bad_frac}: must lie in [0, 1]")
-    if Path(config.out).exists() and not config.overwrite:
-        raise FisherscanError(f"--out {config.out} exists; pass --overwrite to replace it or choose another --out")
-    if str(config.out).endswith((".head.safetensors",
-                                 ".partial.safetensors")) or not str(config.out).endswith(".safetensors"):
-        raise FisherscanError(f"--out {config.out}: name the scores file <name>.safetensors")
-    if not Path(config.out).resolve().parent.is_dir():
-        raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} does not exist; create it first")
-    if not os.access(Path(config.out).resolve().parent, os.W_OK):
-        raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} is not writable; choose another "
-                              "--out or fix its permissions")
 
 
 def set_up(config: ScoreConfig, ranks: Ranks, device: torch.device) -> ScoreRun:
@@ -147,19 +101,30 @@ def set_up(config: ScoreConfig, ranks: Ranks, device: torch.device) -> ScoreRun:
                               strict=config.strict)
     segmenter = Segmenter(backbone.model, NUM_CLASSES, config.decoder, config.feature_blocks).to(device).eval()
     depth = len(segmenter.backbone.blocks)
-    if not 0 <= config.perturb_at < depth:
-        raise FisherscanError(f"--perturb-at {config.perturb_at}: the model has blocks 0..{depth - 1}")
+    if max(config.perturb_at) >= depth:
+        raise FisherscanError(f"--perturb-at {','.join(map(str, config.perturb_at))}: the model has blocks "
+                              f"0..{depth - 1}")
     mean, std = backbone.model.pretrained_cfg.get("mean"), backbone.model.pretrained_cfg.get("std")
     dataset = SegmentationDataset(pairs, config.crop, pad_multiple=backbone.patch_size, seed=config.seed,
                                   **({"mean": mean, "std": std} if mean and std else {}))
-    run = ScoreRun(config, ranks, device, backbone, segmenter, dataset, layout, skipped, partial_path, partial)
+    mode = config.shift
+    if config.shift_data is not None:
+        shift_images = find_shift_images(config.shift_data, config.data, pairs, config.seed)
+        if shift_images.mode == "unpaired" and config.labels == "given":
+            raise FisherscanError(f"--shift-data {config.shift_data}: its images are not the source scenes "
+                                  "(unpaired), so they have no labels; use --labels sampled")
+        dataset, mode = ShiftedDataset(dataset, shift_images), shift_images.mode
+    run = ScoreRun(config, ranks, device, backbone, segmenter, dataset, layout, skipped, partial_path, partial, mode)
     if backbone.random_init:
         run.notes.append("the backbone is randomly initialised (--random-init): these scores describe no "
                          "pretrained model")
     if skipped:
         run.notes.append(skipped_note(skipped, len(pairs) + len(skipped)))
-    if len(pairs) == 1 or config.batch_size == 1:
+    if mode == "eq6" and config.spread == "batch" and (len(pairs) == 1 or config.batch_size == 1):
         run.notes.append("batches of one image have no batch spread: Eq. 6 applies no shift, so F(x') = F(x)")
+    if mode == "unpaired":
+        run.notes.append(f"--shift-data {config.shift_data}: unpaired (no image shares a source image's path): "
+                         f"F(x') from {len(pairs)} crops of its {shift_images.count} images, labels sampled")
     return run
 
 
@@ -197,11 +162,9 @@ def warm_up(run: ScoreRun, progress: Progress) -> dict | None:
 def resume_estimator(run: ScoreRun):
     """The estimator's state in the partial file (the head loaded into the segmenter too)."""
     if run.config.estimator == "diagonal":
-        state = new_state(run.segmenter)
-        counters = checkpoint.restore_diagonal_partial(run.partial_path, run.partial, run.segmenter, state.clean,
-                                                       state.shifted)
+        state = new_state(run.segmenter, run.config.replicates)
+        counters = checkpoint.restore_diagonal_partial(run.partial_path, run.partial, run.segmenter, state.parts)
         state.next_image, state.bad_batches = counters["next_image"], counters["bad_batches"]
-        state.shift_magnitude_sum = counters["shift_magnitude_sum"]
         run.run_notes.append(f"continued the stopped run in {run.partial_path} from image {state.next_image} of "
                              f"{len(run.dataset)} (its head and sums; no new warm-up)")
         return state
@@ -221,37 +184,25 @@ def estimate(run: ScoreRun, state, warmup: dict, progress: Progress) -> Estimate
     config, context = run.config, {"warmup": warmup, "skipped": run.skipped}
     if config.estimator == "diagonal":
         def save(current) -> None:
-            checkpoint.save_diagonal_partial(run.partial_path, current.clean, current.shifted, current.counters(),
+            checkpoint.save_diagonal_partial(run.partial_path, current.parts, current.counters(),
                                              run.segmenter, config, context)
 
         engine = make_engine(run.segmenter, chunk_size=config.chunk_size)  # once per run
-        return run_diagonal(run.segmenter, engine, run.dataset, config, run.device, run.autocast_dtype, progress,
-                            run.ranks, state=state, save=save if run.partial_path is not None else None)
+        return run_diagonal(run.segmenter, engine, shift_family(run), run.dataset, config, run.device,
+                            run.autocast_dtype, progress, run.ranks, state=state,
+                            save=save if run.partial_path is not None else None)
 
     def save_fit(current: dict) -> None:
         checkpoint.save_variational_partial(run.partial_path, current, run.segmenter, config, context)
 
-    return run_variational(run.segmenter, run.dataset, config, run.device, run.autocast_dtype, progress,
-                           resume=state, save=save_fit)
+    return run_variational(run.segmenter, shift_family(run), run.dataset, config, run.device, run.autocast_dtype,
+                           progress, resume=state, save=save_fit)
 
 
-def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
-            candidates: list[str]) -> tuple[dict, dict]:
-    """Eq. 5 and Eq. 7 with the decided normalisation, relative eps and shift weight (``fisherscan.fisher.drfim``)."""
-    weight = config.shift_weight if config.shift_weight is not None else shift_weight(magnitude)
-    eps = config.delta_eps if config.delta_eps is not None else default_delta_eps(config.normalize)
-    try:
-        delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps)
-    except ValueError:
-        raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") \
-            from None
-    scores = {"fim": f_clean, "fim_shift": f_shift, "delta": delta, "drfim": drfim}
-    terms = {"normalization": {"mode": "candidate-mean" if config.normalize else "none", "scale": scale},
-             "delta_eps": eps,
-             "shift": {"magnitude": magnitude, "weight": weight, "weight_overridden": config.shift_weight is not None,
-                       "definition": "s = mean over images and channels of (|alpha-mu| + |beta-sigma|) / sigma; "
-                                     "weight = exp(-s)"}}
-    return scores, terms
+def shift_family(run: ScoreRun):
+    """The run's source of F(x') (``shifts``), with the source dataset's normalisation."""
+    source = run.dataset.source if isinstance(run.dataset, ShiftedDataset) else run.dataset
+    return make_shift(run.segmenter, run.config, run.dataset, run.ranks, run.device, source.mean, source.std)
 
 
 def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
@@ -266,6 +217,10 @@ def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
         return {name.removeprefix("backbone."): value.cpu() for name, value in by_name.items()}
 
     scores, terms = combine(strip(result.f_clean), strip(result.f_shift), result.magnitude, config, candidates)
+    if "replicates" in extra:
+        halves = [combine(strip(f), strip(f_shift), s, config, candidates)[0]
+                  for f, f_shift, s in extra["replicates"]]
+        terms["reliability"] = reliability(halves, config.seed)
     for kind, by_name in scores.items():  # finite batches can still overflow float32 when summed
         if not all_finite(by_name):
             raise FisherscanError(f"the {kind} scores are not finite (float32 overflow of the gradient sums); "
@@ -279,46 +234,6 @@ def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
                              f"{extra['variational']['relative_change_last_10pct'][kind]:.3f} over the last 10% of "
                              f"steps > {config.var_tolerance}); raise --var-steps")
     return scores, score_metadata(run, extra, terms, warmup)
-
-
-def score_metadata(run: ScoreRun, extra: dict, terms: dict, warmup: dict) -> dict:
-    """Every option and decision of the run, as the scores file records it."""
-    config, backbone = run.config, run.backbone
-    return {
-        "fisherscan_version": __version__,
-        "model": config.model,
-        "timm_architecture": backbone.timm_name,
-        "weights": backbone.weights,
-        "weights_sha256": backbone.weights_sha256,
-        "random_init": backbone.random_init,
-        "estimator": config.estimator,
-        "images": extra["images"],
-        "bad_batches": extra.get("bad_batches"),
-        "skipped_pairs": run.skipped,
-        "seed": config.seed,
-        "labels": config.labels,
-        "loss_reduction": "per image: sum of pixel cross-entropy over valid pixels (ignore 255 and padding); "
-                          "F = mean over images of the squared per-image gradient (Eq. 9)",
-        **terms,
-        "perturbation": {"site": f"input of block {config.perturb_at}", "block": config.perturb_at,
-                         "tokens": "patch tokens; prefix tokens untouched", "variance": "unbiased", "eps": 1e-6,
-                         "batch_spread": "detached", "batch_size": config.batch_size},
-        "crop": config.crop,
-        "padding": {"pad_to_multiple_of": backbone.patch_size,
-                    "padded_size": padded_size(config.crop, backbone.patch_size),
-                    "rule": "random crop (smaller images padded), then pad bottom/right with 0 (image) and 255 "
-                            "(label); native patch size kept, position embeddings interpolated at run time"},
-        "decoder": config.decoder,
-        "head": str(head_path_for(config.out)),
-        "warmup": warmup,
-        "data": {"path": str(config.data), "layout": run.layout, "split": config.split},
-        "num_classes": NUM_CLASSES,
-        "device": run.device.type,
-        "world_size": run.ranks.world,
-        "autocast": "bfloat16" if run.device.type == "cuda" else None,
-        "options": options_json(config, exclude=RUN_CONTROL),
-        "notes": run.notes,
-    }
 
 
 def stopped_result(run: ScoreRun, extra: dict) -> ScoreResult:

@@ -1,12 +1,15 @@
 """The diagonal estimator's loop over the source images, one process or many: F(x) and F(x') (Eq. 9) per batch,
-x' by Eq. 6 at the input of block ``perturb_at``.
+x' from the run's shift family (``shifts``: Eq. 6 at one or several blocks, a pixel change, or real images).
 
 One loop over a batch plan serves both: the plan cuts every global batch of ``--batch-size`` images into one
-contiguous part per rank (one part, the whole batch, in a single process). Label uniforms and Eq. 6's eps are keyed
-on (seed, image index), and Eq. 6's batch spread is that of the global batch, so the scores do not depend on the
-number of ranks. Per batch, every rank takes the same decisions (``distributed.agree``): a batch that could not be
-read on some rank stops every rank with that one-line error; a batch part whose sums are not finite is skipped and
-the batch counted (``bad_batches``), and more than ``--max-bad-frac`` of them stops every rank. In one process, every
+contiguous part per rank (one part, the whole batch, in a single process). Label uniforms and every shift draw are
+keyed on (seed, image index), and Eq. 6's batch spread is that of the global batch, so the scores do not depend on
+the number of ranks. ``--label-draws K`` averages each image's squares over K label draws (draw 0 is the one a
+single-draw run makes); F(x) and F(x') share each draw's uniforms. ``--replicates 2`` keeps the images of even and
+odd index in two accumulators (the halves whose agreement measures the scores' reliability); the full sums are
+their sum. Per batch, every rank takes the same decisions (``distributed.agree``): a batch that could not be read
+on some rank stops every rank with that one-line error; a batch part whose sums are not finite is skipped and the
+batch counted (``bad_batches``), and more than ``--max-bad-frac`` of them stops every rank. In one process, every
 ``save_every`` batches the state goes to the partial file (``save``), and ``stop_after`` batches end the run
 resumably.
 """
@@ -23,39 +26,65 @@ from rich.progress import Progress
 from ..data.labels import IGNORE_INDEX
 from ..errors import FisherscanError
 from ..fisher.diagonal import FisherAccumulator
-from ..fisher.perturb import TokenShift, block_input, channel_statistics, draw_eps, shift_statistics, statistic_spread
 from ..models.segmenter import Segmenter
 from ..rng import keyed_generator
 from ..runtime import step_done
 from . import distributed
 from .config import ScoreConfig
 from .distributed import Ranks
+from .shifts import Prepared
 
 
 @dataclass
-class ScoringState:
-    """Everything a run accumulates: both Fisher sums, the applied shift, how far it got (image index) and how
-    many batches were skipped for non-finite gradients."""
+class Sums:
+    """One replicate's accumulators: both Fisher sums and the summed shift magnitude of its images."""
 
     clean: FisherAccumulator
     shifted: FisherAccumulator
     shift_magnitude_sum: float = 0.0
+
+    def add(self, clean: dict, shifted: dict, images: int, magnitude: float) -> None:
+        self.clean.add(clean, images)
+        self.shift_magnitude_sum += magnitude
+        self.shifted.add(shifted, images)
+
+
+@dataclass
+class ScoringState:
+    """Everything a run accumulates: the sums of each replicate (one: all images; two: even and odd image
+    index), how far it got (image index) and how many batches were skipped for non-finite gradients."""
+
+    parts: list[Sums]
     next_image: int = 0
     bad_batches: int = 0
 
     def counters(self) -> dict:
-        return {"next_image": self.next_image, "shift_magnitude_sum": self.shift_magnitude_sum,
+        return {"next_image": self.next_image, "shift_magnitude_sum": self.parts[0].shift_magnitude_sum,
                 "bad_batches": self.bad_batches}
 
+    def total(self) -> Sums:
+        """The sums over all images (the one part, or the sum of the halves)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        first, *rest = self.parts
+        total = Sums(FisherAccumulator({n: v.shape for n, v in first.clean.sums.items()}),
+                     FisherAccumulator({n: v.shape for n, v in first.clean.sums.items()}))
+        for part in self.parts:
+            total.add(part.clean.sums, part.shifted.sums, 0, part.shift_magnitude_sum)
+            total.clean.images += part.clean.images
+            total.shifted.images += part.shifted.images
+        return total
 
-def new_state(segmenter: Segmenter) -> ScoringState:
+
+def new_state(segmenter: Segmenter, replicates: int = 1) -> ScoringState:
     shapes = {f"backbone.{n}": p.shape for n, p in segmenter.backbone.named_parameters()}
-    return ScoringState(FisherAccumulator(shapes), FisherAccumulator(shapes))
+    return ScoringState([Sums(FisherAccumulator(shapes), FisherAccumulator(shapes)) for _ in range(replicates)])
 
 
 @dataclass
 class Estimate:
-    """An estimator's result: F(x), F(x') (None when stopped), the mean applied shift s, and its record."""
+    """An estimator's result: F(x), F(x') (None when stopped), the mean applied shift s, and its record
+    (``extra["replicates"]``: per half, (F(x), F(x'), s) when the run kept two)."""
 
     f_clean: dict | None
     f_shift: dict | None
@@ -64,29 +93,12 @@ class Estimate:
 
 
 def label_uniforms(config: ScoreConfig, y: torch.Tensor, indices: list[int], visit: int = 0) -> torch.Tensor | None:
-    """Each image's uniforms for sampled labels, keyed on (seed, image index, visit); None for given labels."""
+    """Each image's uniforms for sampled labels, keyed on (seed, image index, visit: the draw); None for given
+    labels."""
     if config.labels != "sampled":
         return None
     return torch.stack([torch.rand(y.shape[-2:], generator=keyed_generator(config.seed, i, "labels", visit))
                         for i in indices])
-
-
-def patch_tokens_at(segmenter: Segmenter, x: torch.Tensor, site: int) -> torch.Tensor:
-    """The patch tokens (B, N, C) entering block ``site``, fp32 (prefix tokens dropped): what Eq. 6 shifts."""
-    return block_input(segmenter, x, site)[:, getattr(segmenter.backbone, "num_prefix_tokens", 0):].float()
-
-
-def prepare_shift(shift: TokenShift, tokens: torch.Tensor, indices: list[int], config: ScoreConfig,
-                  spread: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-    """Set Eq. 6's batch spread on ``shift`` (``spread`` when given: the global batch's under torchrun; else that
-    of ``tokens``); return each image's eps draws (keyed on (seed, image index)) and the sum over images of the
-    mean relative shift s they apply."""
-    shift.spread = spread if spread is not None else statistic_spread(*channel_statistics(tokens))
-    draws = [draw_eps(1, tokens.shape[-1], keyed_generator(config.seed, i, "shift")) for i in indices]
-    eps = (torch.cat([d[0] for d in draws]).to(tokens.device), torch.cat([d[1] for d in draws]).to(tokens.device))
-    _, magnitude = shift_statistics(tokens, *eps, *shift.spread)
-    return eps, float(magnitude.mean(dim=1).sum())
 
 
 def all_finite(sums: dict[str, torch.Tensor]) -> bool:
@@ -96,48 +108,58 @@ def all_finite(sums: dict[str, torch.Tensor]) -> bool:
     return bool(torch.stack([v.isfinite().all() for v in sums.values()]).all())
 
 
-def score_batch(engine, state: ScoringState, shift: TokenShift, x: torch.Tensor, y: torch.Tensor, indices: list[int],
-                config: ScoreConfig, autocast_dtype: torch.dtype | None, tokens: torch.Tensor,
-                spread: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
-    """F(x) and F(x') (Eq. 9) of one batch (part) into ``state``; all draws keyed on (seed, image index).
+def squares(engine, x, y, indices, config: ScoreConfig, autocast_dtype, hook=None, draws=None) -> dict:
+    """sum_i of each image's squared gradient, averaged over ``label_draws`` label draws (Eq. 9)."""
+    total = None
+    for draw in range(config.label_draws):
+        sums = engine.squared_gradient_sum(x, y, label_uniforms(config, y, indices, draw), ignore_index=IGNORE_INDEX,
+                                           shift=hook, shift_eps=draws, autocast_dtype=autocast_dtype)
+        total = sums if total is None else {n: total[n] + sums[n] for n in total}
+    if config.label_draws > 1:
+        total = {n: v / config.label_draws for n, v in total.items()}
+    return total
 
-    Returns False, and adds nothing, when the squared-gradient sums (or the shift) are not finite.
+
+def score_batch(engine, state: ScoringState, x: torch.Tensor, y: torch.Tensor, indices: list[int],
+                prepared: Prepared, y_shift: torch.Tensor, config: ScoreConfig,
+                autocast_dtype: torch.dtype | None) -> bool:
+    """F(x) and F(x') (Eq. 9) of one batch (part) into ``state``, each image into its replicate.
+
+    Returns False, and adds nothing, when any squared-gradient sum (or the shift) is not finite.
     """
-    uniforms = label_uniforms(config, y, indices)
-    common = dict(ignore_index=IGNORE_INDEX, autocast_dtype=autocast_dtype)
-    clean = engine.squared_gradient_sum(x, y, uniforms, **common)
-    if not all_finite(clean):
+    if not bool(prepared.magnitudes.isfinite().all()):
         return False
-    eps, magnitude = prepare_shift(shift, tokens, indices, config, spread)
-    if not math.isfinite(magnitude):
-        return False
-    shifted = engine.squared_gradient_sum(x, y, uniforms, shift=shift, shift_eps=eps, **common)
-    if not all_finite(shifted):
-        return False
-    state.clean.add(clean, len(indices))
-    state.shift_magnitude_sum += magnitude
-    state.shifted.add(shifted, len(indices))
+    replicates = len(state.parts)
+    results = []
+    for part in range(replicates):
+        rows = [j for j, i in enumerate(indices) if i % replicates == part]
+        if not rows:
+            continue
+        pick = (lambda t: t) if replicates == 1 else (lambda t, rows=rows: t[torch.tensor(rows, device=t.device)])
+        own = [indices[j] for j in rows]
+        clean = squares(engine, pick(x), pick(y), own, config, autocast_dtype)
+        if not all_finite(clean):
+            return False
+        draws = None if prepared.draws is None else tuple(pick(d) for d in prepared.draws)
+        shifted = squares(engine, pick(prepared.x), pick(y_shift), own, config, autocast_dtype, prepared.hook,
+                          draws)
+        if not all_finite(shifted):
+            return False
+        results.append((part, clean, shifted, len(rows), float(pick(prepared.magnitudes).sum())))
+    for part, clean, shifted, images, magnitude in results:
+        state.parts[part].add(clean, shifted, images, magnitude)
     return True
 
 
-def _next_part(batches, part: list[int], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                                                          str | None]:
-    """This rank's images of the next batch (x, y on ``device``), or the one-line error reading them gave."""
+def _next_part(batches, part: list[int], device: torch.device):
+    """This rank's images of the next batch (tensors on ``device``), or the one-line error reading them gave."""
     if not part:
-        return None, None, None
+        return None, None
     try:
-        x, y, _ = next(batches)
+        batch = next(batches)
     except FisherscanError as error:
-        return None, None, str(error)
-    return x.to(device), y.to(device), None
-
-
-def _spread(tokens: torch.Tensor | None, segmenter: Segmenter, ranks: Ranks, device: torch.device):
-    """Eq. 6's batch spread: this process's batch alone (None: ``prepare_shift`` takes it), or the global
-    batch's under torchrun (every rank, every batch)."""
-    if ranks.world == 1:
-        return None
-    return distributed.global_spread(tokens, segmenter.backbone.embed_dim, device)
+        return None, str(error)
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in batch], None
 
 
 def _count_bad(state: ScoringState, first: int, last: int, batches_total: int, config: ScoreConfig,
@@ -152,13 +174,24 @@ def _count_bad(state: ScoringState, first: int, last: int, batches_total: int, c
                               "weights, the data and --warmup-lr")
 
 
-def run_diagonal(segmenter: Segmenter, engine, dataset, config: ScoreConfig, device: torch.device,
+def _score_part(engine, shift, state, batch, part, config, autocast_dtype) -> bool:
+    """Prepare the shift (every rank, every batch: Eq. 6's global spread), then score this rank's part."""
+    if batch is None:
+        shift.prepare_empty()
+        return True
+    x, y, indices = batch[0], batch[1], [int(i) for i in batch[2]]
+    x_other, y_shift = (batch[3], batch[4]) if len(batch) > 3 else (None, y)
+    prepared = shift.prepare(x, indices, x_other)
+    return score_batch(engine, state, x, y, indices, prepared, y_shift, config, autocast_dtype)
+
+
+def run_diagonal(segmenter: Segmenter, engine, shift, dataset, config: ScoreConfig, device: torch.device,
                  autocast_dtype: torch.dtype | None, progress: Progress, ranks: Ranks = Ranks(),
                  state: ScoringState | None = None, save=None) -> Estimate:
     """The exact diagonal estimator over every image once, from ``state.next_image`` on (a continued run sees the
     batches an uninterrupted one would); ``save(state)`` every ``config.save_every`` batches; after
     ``config.stop_after`` batches of this run it stops (F is None, ``extra["stopped"]`` True)."""
-    state = state if state is not None else new_state(segmenter)
+    state = state if state is not None else new_state(segmenter, config.replicates)
     total, batch_size = len(dataset), config.batch_size
     batches_total = math.ceil(total / batch_size)
     if state.next_image % batch_size:
@@ -168,16 +201,16 @@ def run_diagonal(segmenter: Segmenter, engine, dataset, config: ScoreConfig, dev
     parts = distributed.rank_parts(total, batch_size, ranks)[first:]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[p for p in parts if p],
                                          num_workers=max(int(config.workers), 0))
-    batches, shift = iter(loader), TokenShift(segmenter, config.perturb_at)
+    batches = iter(loader)
     ranks_note = f" ({ranks.world} ranks)" if ranks.world > 1 else ""
     task = progress.add_task(f"score F(x), F(x'){ranks_note}", total=total, completed=state.next_image, rate="")
     started, done_here = time.perf_counter(), 0
     extra = {"batches_total": batches_total, "stopped": False}
     for g, part in enumerate(parts, first):
-        x, y, error = _next_part(batches, part, device)
-        tokens = patch_tokens_at(segmenter, x, config.perturb_at) if x is not None else None
-        spread = _spread(tokens, segmenter, ranks, device)
-        ok = x is None or score_batch(engine, state, shift, x, y, part, config, autocast_dtype, tokens, spread)
+        batch, error = _next_part(batches, part, device)
+        if error is not None:
+            shift.prepare_empty()  # the other ranks are in this batch's collectives: take part, then stop with them
+        ok = error is not None or _score_part(engine, shift, state, batch, part, config, autocast_dtype)
         bad, error = distributed.agree(ranks, device, not ok, error)
         if error is not None:
             raise FisherscanError(error)
@@ -193,24 +226,38 @@ def run_diagonal(segmenter: Segmenter, engine, dataset, config: ScoreConfig, dev
         if save is not None and (stopping or (unfinished and (g + 1) % config.save_every == 0)):
             save(state)
         if stopping:
-            extra.update(stopped=True, batches_done=g + 1, images=state.clean.images, bad_batches=state.bad_batches)
+            extra.update(stopped=True, batches_done=g + 1, images=state.total().clean.images,
+                         bad_batches=state.bad_batches)
             return Estimate(None, None, 0.0, extra)
     return _finish(state, ranks, device, extra)
 
 
+def _reduce(sums: Sums, device: torch.device) -> None:
+    """One replicate's sums over the ranks (bucketed; the counts and the magnitude in one small all-reduce)."""
+    distributed.sum_over_ranks([*sums.clean.sums.values(), *sums.shifted.sums.values()], device)
+    scalars = torch.tensor([sums.clean.images, sums.shifted.images, sums.shift_magnitude_sum], dtype=torch.float64,
+                           device=device)
+    torch.distributed.all_reduce(scalars)
+    sums.clean.images, sums.shifted.images, sums.shift_magnitude_sum = int(scalars[0]), int(scalars[1]), \
+        float(scalars[2])
+
+
 def _finish(state: ScoringState, ranks: Ranks, device: torch.device, extra: dict) -> Estimate:
-    """Sum over the ranks (once), then F = sums / N (Eq. 9) and the mean applied shift."""
+    """Sum over the ranks (once), then F = sums / N (Eq. 9), the mean applied shift, and each half's."""
     if ranks.world > 1:
-        distributed.sum_over_ranks([*state.clean.sums.values(), *state.shifted.sums.values()], device)
-        scalars = torch.tensor([state.clean.images, state.shifted.images, state.shift_magnitude_sum],
-                               dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(scalars)
-        state.clean.images, state.shifted.images = int(scalars[0]), int(scalars[1])
-        state.shift_magnitude_sum = float(scalars[2])
+        for part in state.parts:
+            _reduce(part, device)
         extra["world_size"] = ranks.world
-    if state.clean.images == 0:
+    total = state.total()
+    if total.clean.images == 0:
         raise FisherscanError(f"every batch ({state.bad_batches} of {extra['batches_total']}) had non-finite losses "
                               "or gradients; check the weights, the data and --warmup-lr")
-    magnitude = state.shift_magnitude_sum / max(state.shifted.images, 1)
-    extra.update(images=state.clean.images, bad_batches=state.bad_batches, batches_done=extra["batches_total"])
-    return Estimate(state.clean.fisher(), state.shifted.fisher(), magnitude, extra)
+    if len(state.parts) > 1:
+        if any(part.clean.images == 0 for part in state.parts):
+            raise FisherscanError("--replicates 2 needs images of both halves (even and odd index) to score; "
+                                  "score more images or pass --replicates 1")
+        extra["replicates"] = [(p.clean.fisher(), p.shifted.fisher(),
+                                p.shift_magnitude_sum / max(p.shifted.images, 1)) for p in state.parts]
+    magnitude = total.shift_magnitude_sum / max(total.shifted.images, 1)
+    extra.update(images=total.clean.images, bad_batches=state.bad_batches, batches_done=extra["batches_total"])
+    return Estimate(total.clean.fisher(), total.shifted.fisher(), magnitude, extra)

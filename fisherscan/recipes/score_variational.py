@@ -14,32 +14,31 @@ from rich.progress import Progress
 from ..data.datasets import make_loader
 from ..data.labels import IGNORE_INDEX
 from ..fisher.loss import trainable_parameters
-from ..fisher.perturb import TokenShift
 from ..fisher.variational import fit_precision, segmentation_losses
 from ..models.segmenter import Segmenter
 from ..runtime import step_done
 from .config import ScoreConfig
-from .score_loop import Estimate, label_uniforms, patch_tokens_at, prepare_shift
+from .score_loop import Estimate, label_uniforms
 
 
-def cycle(dataset, batch_size: int, workers: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
-                                                                                    list[int]]]:
-    """(visit, x, y, indices) for ever in dataset order from batch ``start`` on (no batch is held in memory)."""
+def cycle(dataset, batch_size: int, workers: int, start: int = 0) -> Iterator[tuple[int, list]]:
+    """(visit, batch: x, y, indices[, x', y']) for ever in dataset order from batch ``start`` on (no batch is held
+    in memory)."""
     visit, skip = divmod(start, math.ceil(len(dataset) / batch_size))
     while True:
         part = torch.utils.data.Subset(dataset, range(skip * batch_size, len(dataset))) if skip else dataset
-        for x, y, indices in make_loader(part, batch_size, workers):
-            yield visit, x, y, [int(i) for i in indices]
+        for batch in make_loader(part, batch_size, workers):
+            yield visit, list(batch)
         visit, skip = visit + 1, 0
 
 
 VARIATIONAL_PHASES = ("clean", "shift")
 
 
-def run_variational(segmenter: Segmenter, dataset, config: ScoreConfig, device: torch.device,
+def run_variational(segmenter: Segmenter, shift, dataset, config: ScoreConfig, device: torch.device,
                     autocast_dtype: torch.dtype | None, progress: Progress, resume: dict | None = None,
                     save=None) -> Estimate:
-    """Eq. 10-14 on source batches (Lambda_x) and on the same batches with Eq. 6 applied (Lambda_x').
+    """Eq. 10-14 on source batches (Lambda_x) and on the same batches shifted by the run's family (Lambda_x').
 
     The two fits take ``var_steps`` steps each, 2 x var_steps in all (the "global" steps). Every
     ``config.save_every`` global steps, and when ``config.stop_after`` steps of this run are done (then F is None
@@ -47,7 +46,6 @@ def run_variational(segmenter: Segmenter, dataset, config: ScoreConfig, device: 
     """
     means = trainable_parameters(segmenter)
     scale = float(config.var_scale if config.var_scale is not None else len(dataset))
-    shift = TokenShift(segmenter, config.perturb_at)
     resume = resume or {"phase": "clean", "global_step": 0, "magnitudes": [], "fits": {}, "fit": None}
     fits, magnitudes = dict(resume["fits"]), list(resume["magnitudes"])
     total_steps = 2 * config.var_steps
@@ -67,12 +65,13 @@ def run_variational(segmenter: Segmenter, dataset, config: ScoreConfig, device: 
                                  completed=first, rate="")
 
         def next_batch(step, batches=batches, shifted=shifted):
-            visit, x, y, indices = next(batches)
-            x, y = x.to(device), y.to(device)
+            visit, batch = next(batches)
+            x, y, indices = batch[0].to(device), batch[1].to(device), [int(i) for i in batch[2]]
             if shifted:
-                tokens = patch_tokens_at(segmenter, x, config.perturb_at)
-                shift.eps, magnitude = prepare_shift(shift, tokens, indices, config)
-                magnitudes.append(magnitude / len(indices))
+                x_other = batch[3].to(device) if len(batch) > 3 else None
+                prepared = shift.prepare(x, indices, x_other)  # sets the Eq. 6 hook's draws
+                magnitudes.append(float(prepared.magnitudes.sum()) / len(indices))
+                x, y = prepared.x, (batch[4].to(device) if len(batch) > 3 else y)
             return x, y, label_uniforms(config, y, indices, visit)
 
         def on_step(step, terms, task=task):
@@ -86,7 +85,7 @@ def run_variational(segmenter: Segmenter, dataset, config: ScoreConfig, device: 
             return stopping
 
         losses = segmentation_losses(segmenter, next_batch, ignore_index=IGNORE_INDEX, autocast_dtype=autocast_dtype)
-        with shift if shifted else contextlib.nullcontext():
+        with shift.hook if shifted and shift.hook is not None else contextlib.nullcontext():
             fit = fit_precision(losses, means, gamma=config.gamma, tau=config.tau, steps=config.var_steps,
                                 lr=config.var_lr, scale=scale, tolerance=config.var_tolerance,
                                 generator=torch.Generator().manual_seed(config.seed), on_step=on_step,

@@ -62,8 +62,17 @@ def assert_same_tensors(got: dict, want: dict, exact: bool, label: str) -> None:
                 f"{label}: {key} differs beyond rtol 1e-4 (another CPU instruction set than the recording's)"
 
 
+# options whose spelling changed since the recording, with the recorded value's meaning today
+RESPELLED = {
+    "options.perturb_at": lambda recorded: [recorded],  # one block -> a list of blocks (several sites)
+}
+
+
 def assert_same_meaning(got, want, label: str, exact: bool = True) -> None:
     """Every key the recording has keeps its value (recursively); keys added since are allowed."""
+    for suffix, respell in RESPELLED.items():
+        if label.endswith(suffix) and not isinstance(want, list):
+            want = respell(want)
     if isinstance(want, dict):
         assert isinstance(got, dict), f"{label}: {got!r} is not a mapping"
         for key, value in want.items():

@@ -1,0 +1,119 @@
+"""What a score run computes from F(x) and F(x') and what its file records: Eq. 5/7 with the decided normalisation
+and balance (``combine``), the halves' agreement (``reliability``) and the metadata (``score_metadata``)."""
+
+from __future__ import annotations
+
+from .. import __version__
+from ..data.datasets import padded_size
+from ..data.labels import NUM_CLASSES
+from ..errors import FisherscanError
+from ..fisher.drfim import default_delta_eps, dr_fim_terms, shift_weight
+from ..io import options_json
+from ..models.heads import head_path_for
+from ..scores.reliability import half_agreement
+from .config import ScoreConfig
+
+# run control, left out of the scores file's options so a continued run writes the same file as an uninterrupted one
+RUN_CONTROL = ("resume", "stop_after", "save_every")
+KINDS = ("fim", "fim_shift", "delta", "drfim")
+SHIFT_DEFINITIONS = {
+    "eq6": "s = mean over images and channels of (|alpha-mu| + |beta-sigma|) / sigma; weight = exp(-s)",
+    "eq6-sites": "s = mean over images of the sum over the sites where Eq. 6 applied of the mean over channels of "
+                 "(|alpha-mu| + |beta-sigma|) / sigma; weight = exp(-s)",
+    "other": "s = mean over images and channels of (|mu'-mu| + |sigma'-sigma|) / sigma of the patch tokens entering "
+             "the first --perturb-at block, x vs x'; weight = exp(-s)",
+}
+
+
+def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
+            candidates: list[str]) -> tuple[dict, dict]:
+    """Eq. 5 and Eq. 7 with the decided normalisation, relative eps, shift weight and balance
+    (``fisherscan.fisher.drfim``): (scores by kind, the record of those choices)."""
+    weight = config.shift_weight if config.shift_weight is not None else shift_weight(magnitude)
+    eps = config.delta_eps if config.delta_eps is not None else default_delta_eps(config.normalize)
+    try:
+        delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps,
+                                           config.drfim_weight, config.combine)
+    except ValueError:
+        raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") \
+            from None
+    scores = {"fim": f_clean, "fim_shift": f_shift, "delta": delta, "drfim": drfim}
+    eq6 = config.shift_data is None and config.shift == "eq6"
+    single = len(config.perturb_at) == 1 and config.perturb_prob >= 1
+    definition = SHIFT_DEFINITIONS[("eq6" if single else "eq6-sites") if eq6 else "other"]
+    terms = {"normalization": {"mode": "candidate-mean" if config.normalize else "none", "scale": scale},
+             "delta_eps": eps,
+             "shift": {"magnitude": magnitude, "weight": weight, "weight_overridden": config.shift_weight is not None,
+                       "definition": definition},
+             "balance": {"drfim_weight": config.drfim_weight, "combine": config.combine,
+                         "formula": "DRF = F + lambda * w * Delta F" + (" on the ranks of F and Delta F over the "
+                                                                       "candidates" if config.combine == "rank"
+                                                                       else "")}}
+    return scores, terms
+
+
+def reliability(halves: list[dict], seed: int) -> dict:
+    """Per kind, the agreement of the two halves' scores (``fisherscan.scores.reliability``)."""
+    agreement = half_agreement(halves[0], halves[1], list(KINDS), seed=seed)
+    return {"halves": "images of even and odd index", "top": 0.05, **agreement}
+
+
+def perturbation_record(config: ScoreConfig, mode: str) -> dict:
+    """Where and how F(x') was made."""
+    sites = list(config.perturb_at)
+    record = {"family": mode, "site": f"input of block{'s' if len(sites) > 1 else ''} "
+                                      f"{', '.join(map(str, sites))}", "block": sites[0], "blocks": sites}
+    if mode == "eq6":
+        record.update({"tokens": "patch tokens; prefix tokens untouched", "variance": "unbiased", "eps": 1e-6,
+                       "batch_spread": "detached", "batch_size": config.batch_size, "probability": config.perturb_prob,
+                       "strength": config.perturb_strength, "spread": config.spread,
+                       "draws": "keyed on (seed, image index, site)"})
+        if config.spread == "pool":
+            record["spread_pool"] = config.spread_pool
+    elif mode == "pixel":
+        record.update({"strength": config.perturb_strength, "draws": "keyed on (seed, image index)",
+                       "changes": "blur, contrast, brightness, tint, haze (fisherscan.fisher.pixel_shift)"})
+    else:
+        record.update({"shift_data": str(config.shift_data),
+                       "pairing": "same relative path, same crop and label draws" if mode == "paired"
+                                  else "unpaired: own crops, labels sampled"})
+    return record
+
+
+def score_metadata(run, extra: dict, terms: dict, warmup: dict) -> dict:
+    """Every option and decision of the run (``score.ScoreRun``), as the scores file records it."""
+    config, backbone = run.config, run.backbone
+    return {
+        "fisherscan_version": __version__,
+        "model": config.model,
+        "timm_architecture": backbone.timm_name,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "random_init": backbone.random_init,
+        "estimator": config.estimator,
+        "images": extra["images"],
+        "bad_batches": extra.get("bad_batches"),
+        "skipped_pairs": run.skipped,
+        "seed": config.seed,
+        "labels": config.labels,
+        "loss_reduction": "per image: sum of pixel cross-entropy over valid pixels (ignore 255 and padding); "
+                          "F = mean over images of the squared per-image gradient (Eq. 9)",
+        **terms,
+        "label_draws": config.label_draws,
+        "perturbation": perturbation_record(config, run.shift_mode),
+        "crop": config.crop,
+        "padding": {"pad_to_multiple_of": backbone.patch_size,
+                    "padded_size": padded_size(config.crop, backbone.patch_size),
+                    "rule": "random crop (smaller images padded), then pad bottom/right with 0 (image) and 255 "
+                            "(label); native patch size kept, position embeddings interpolated at run time"},
+        "decoder": config.decoder,
+        "head": str(head_path_for(config.out)),
+        "warmup": warmup,
+        "data": {"path": str(config.data), "layout": run.layout, "split": config.split},
+        "num_classes": NUM_CLASSES,
+        "device": run.device.type,
+        "world_size": run.ranks.world,
+        "autocast": "bfloat16" if run.device.type == "cuda" else None,
+        "options": options_json(config, exclude=RUN_CONTROL),
+        "notes": run.notes,
+    }
