@@ -80,6 +80,11 @@ class ScoreRun:
     run_notes: list[str] = field(default_factory=list)  # about this invocation only (printed, not saved)
 
     @property
+    def source(self) -> SegmentationDataset:
+        """The source images alone (the dataset may also carry their --shift-data partners)."""
+        return self.dataset.source if isinstance(self.dataset, ShiftedDataset) else self.dataset
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16 if self.device.type == "cuda" else None
 
@@ -153,7 +158,7 @@ def warm_up(run: ScoreRun, progress: Progress) -> dict | None:
     if not run.ranks.main:
         return None
     config = run.config
-    loader = make_loader(run.dataset, config.batch_size, config.workers)
+    loader = make_loader(run.source, config.batch_size, config.workers)
     final_loss = warm_up_decoder(run.segmenter, loader, config.warmup_steps, config.warmup_lr, run.device,
                                  run.device.type == "cuda", progress)
     return {"steps": config.warmup_steps, "lr": config.warmup_lr, "final_loss": final_loss}
@@ -201,8 +206,7 @@ def estimate(run: ScoreRun, state, warmup: dict, progress: Progress) -> Estimate
 
 def shift_family(run: ScoreRun):
     """The run's source of F(x') (``shifts``), with the source dataset's normalisation."""
-    source = run.dataset.source if isinstance(run.dataset, ShiftedDataset) else run.dataset
-    return make_shift(run.segmenter, run.config, run.dataset, run.ranks, run.device, source.mean, source.std)
+    return make_shift(run.segmenter, run.config, run.dataset, run.ranks, run.device, run.source.mean, run.source.std)
 
 
 def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:

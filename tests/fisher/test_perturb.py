@@ -12,6 +12,7 @@ from fisherscan.fisher.perturb import (
     perturb_statistics,
     shift_statistics,
     statistic_spread,
+    statistics_change,
 )
 
 
@@ -93,3 +94,55 @@ def test_block_input_is_what_the_block_receives():
         model(x)
     handle.remove()
     assert torch.equal(block_input(model, x, 0), seen[0])
+
+
+def hand_eq6(tokens, eps_mu, eps_sigma, keep, prefix):
+    """Eq. 6 written out on the patch tokens of a (B, P + N, C) batch: the batch spread of the statistics, the
+    shifted statistics, the images where ``keep`` is False left as they were; and each image's relative change."""
+    patch = tokens[:, prefix:]
+    mu, sigma = patch.mean(1), torch.sqrt(patch.var(1) + 1e-6)
+    spread_mu, spread_sigma = torch.sqrt(mu.var(0) + 1e-6), torch.sqrt(sigma.var(0) + 1e-6)
+    alpha, beta = mu + eps_mu * spread_mu, sigma + eps_sigma * spread_sigma
+    shifted = beta[:, None] * (patch - mu[:, None]) / sigma[:, None] + alpha[:, None]
+    shifted = torch.where(keep[:, None, None], shifted, patch)
+    change = (((alpha - mu).abs() + (beta - sigma).abs()) / sigma).mean(1) * keep
+    return torch.cat([tokens[:, :prefix], shifted], 1), change
+
+
+def test_several_sites_equal_a_hand_built_chain_of_eq6(segmenter):
+    """Oracle: the blocks run one by one here, Eq. 6 applied by hand at the inputs of blocks 0 and 1, each with the
+    batch spread of what reaches it (the first site's shift included), images 1 and 2 skipping one site each."""
+    x = torch.randn(4, 3, 16, 20, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    eps_mu, eps_sigma = torch.randn(4, 2, 16, generator=g), torch.randn(4, 2, 16, generator=g)
+    apply = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    shift = TokenShift(segmenter, [0, 1])
+    shift.eps = (eps_mu, eps_sigma, apply)
+    magnitudes = shift.prepare(segmenter, x, lambda k, t: statistic_spread(*channel_statistics(t)))
+    with torch.no_grad(), shift:
+        got = segmenter(x)
+
+    backbone = segmenter.backbone
+    with torch.no_grad():
+        tokens = backbone._pos_embed(backbone.patch_embed(x))
+        expected_change = torch.zeros(4)
+        for k, block in enumerate(backbone.blocks):
+            tokens, change = hand_eq6(tokens, eps_mu[:, k], eps_sigma[:, k], apply[:, k].bool(),
+                                      backbone.num_prefix_tokens)
+            expected_change += change
+            tokens = block(tokens)
+        tokens = backbone.norm(tokens)[:, backbone.num_prefix_tokens:]
+        expected = segmenter.decoder(tokens, (4, 5))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(magnitudes, expected_change, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got, segmenter(x))
+
+
+def test_statistics_change_is_the_relative_change_of_the_token_statistics():
+    a = tokens()
+    b = 1.5 * a + 0.3
+    mu, sigma = a.mean(1), torch.sqrt(a.var(1) + 1e-6)
+    mu_b, sigma_b = b.mean(1), torch.sqrt(b.var(1) + 1e-6)
+    expected = (((mu_b - mu).abs() + (sigma_b - sigma).abs()) / sigma).mean(1)
+    assert torch.allclose(statistics_change(a, b).double(), expected, rtol=1e-5)
+    assert torch.equal(statistics_change(a, a), torch.zeros(4))
