@@ -102,8 +102,7 @@ def parameters(cls, notes: dict[str, str] | None = None) -> list[inspect.Paramet
             extra["show_default"] = notes[field.name]
         elif default is None:
             extra["show_default"] = False
-        help_text = meta.get("help", "") + (" (repeat for several)" if form == "repeat" and "repeat" not in
-                                            meta.get("help", "") else "")
+        help_text = meta.get("help", "")
         option = typer.Option(default, *decls, help=help_text, rich_help_panel=PANEL_TITLES[meta.get("panel",
                               "run control")], hidden=meta.get("hidden", False), **extra)
         made.append(inspect.Parameter(field.name, KW, default=option, annotation=annotation(field, hint)))
