@@ -103,7 +103,8 @@ class TuneConfig(RunConfig):
     scores: Path = option(help="scores file from 'fisherscan score'", panel="selection")
     out: Path = option(help="run folder to write", panel="output")
     head: Path | None = option(None, "head to start from (default: the one saved beside the scores)", "model")
-    warmup_steps: int = option(200, "decoder warm-up steps when no head is found", "method")
+    warmup_steps: int = option(200, "decoder warm-up steps when no head is found; given with another --decoder than "
+                                    "the scores', a new head is warmed up", "method")
     steps: int = option(1000, "fine-tuning steps T3", "optimisation")
     accumulate: int = option(1, "gradient accumulation: batches per step", "optimisation")
     augment: str = option("crop", "crop (random crop + flip) or rein (resize 0.5-2.0, class-balanced crop, flip, "

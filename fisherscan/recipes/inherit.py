@@ -83,22 +83,25 @@ def head_mismatch(head: Path, decoder: str, feature_blocks) -> tuple[str, str, s
 
 
 def check_head(record: ScoresRecord, values: dict, sources: dict) -> None:
-    """The head tune will start from: ``--head`` must exist; the head beside the scores must exist and fit the
-    decoder unless a warm-up was asked for (``--warmup-steps``, then a new head is trained)."""
+    """The head tune will start from: ``--head`` must exist; the head beside the scores must exist (unless
+    ``--warmup-steps`` is given on the command line) and fit the decoder (unless ``--warmup-steps`` is given, or set
+    by a config file): else a new head is warmed up."""
     given = values.get("head")
     if given is not None:
         if not Path(given).is_file():
             raise FisherscanError(f"--head {given}: no such file; pass a head saved by 'fisherscan score', or leave "
                                   "--head out to start from the one beside the scores")
         return
-    warm = sources.get("warmup_steps", "default") != "default"
-    if record.head is None or warm:
+    warm = sources.get("warmup_steps", "default") != "default"  # --warmup-steps, or a config file (a replay) sets it
+    if record.head is None:
         return
     if not record.head.is_file():
+        if sources.get("warmup_steps") == "option":  # asked for on the command line: a new head, knowingly
+            return
         raise FisherscanError(f"the head {record.head} recorded in --scores {record.path} no longer exists; pass "
                               f"--head FILE, or {WARM_UP_INSTEAD}")
     mismatch = head_mismatch(record.head, values.get("decoder", "linear"), values.get("feature_blocks"))
-    if mismatch is not None:
+    if mismatch is not None and not warm:
         option, value, trained = mismatch
         source = sources.get(option[2:].replace("-", "_"), "option")
         given_by = "" if source == "option" else f" (from {source})"

@@ -174,3 +174,14 @@ def test_bad_input_is_one_line(scored, tmp_path):
     one_error_line(invoke("score", "--config", tmp_path / "broken.toml"), "broken.toml", "not valid TOML")
     one_error_line(invoke("score", "--data", scored["data"]), "--model: missing")
     one_error_line(invoke("tune"), "--scores: missing")
+
+
+def test_a_replay_without_the_head_it_started_from_is_refused(tmp_path):
+    here = score_in(tmp_path)
+    ok(invoke("tune", "--scores", here["scores"], "--steps", 1, "--batch-size", 2, "--out", tmp_path / "run", *FAST))
+    here["head"].unlink()  # the manifest sets --warmup-steps, but a replay must not silently warm a new head up
+    one_error_line(invoke("tune", "--config", tmp_path / "run" / "manifest.json", "--out", tmp_path / "again"),
+                   str(here["head"]), "--warmup-steps N")
+    ok(invoke("tune", "--config", tmp_path / "run" / "manifest.json", "--out", tmp_path / "again", "--warmup-steps",
+              1))
+    assert manifest(tmp_path / "again")["head"] == "warmed up for 1 steps"

@@ -177,3 +177,8 @@ def test_a_new_field_gets_its_option(args, expected):
     assert params["later__alias0"].hidden and params["later__alias0"].opts == ["--old-Later"]
     assert [params[n].rich_help_panel for n in ("count", "share", "on", "pair")] == ["Data", "Selection", "Output",
                                                                                      "Method"]
+
+
+def test_shell_completion_is_offered():
+    text = ok(invoke("--help")).stdout
+    assert "--install-completion" in text and "--show-completion" in text
