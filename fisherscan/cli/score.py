@@ -33,7 +33,7 @@ CONFIG_HELP = ("TOML or JSON file of options, keys = the option names with under
 
 
 @app.command()
-@config_options(ScoreConfig)
+@config_options(ScoreConfig, notes=dict.fromkeys(("model", "data"), "required, here or in --config"))
 def score(
     ctx: typer.Context,
     config_file: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP, rich_help_panel="Run control"),
