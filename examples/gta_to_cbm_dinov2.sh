@@ -31,9 +31,9 @@ fi
 resume=()
 [ -f "$OUT/tune/checkpoint.safetensors" ] && [ ! -f "$OUT/tune/model.safetensors" ] && resume=(--resume)
 if [ ! -f "$OUT/tune/model.safetensors" ]; then
-  fisherscan tune --recipe rein-512 --scores "$OUT/scores.safetensors" --model dinov2_vitl14 --weights "$WEIGHTS" \
-      --data "$GTA" --layout gta5 --strategy drfim --delta-min 1% --delta-max 5% --save-every 1000 \
-      --seed "$SEED" --out "$OUT/tune" "${resume[@]}"
+  # the model, its weights, the GTA5 folder and layout and the warmed head come from the scores file
+  fisherscan tune --recipe rein-512 --scores "$OUT/scores.safetensors" --strategy drfim --delta-min 1% \
+      --delta-max 5% --save-every 1000 --seed "$SEED" --out "$OUT/tune" "${resume[@]}"
 fi
 
 # 3. Slide evaluation (512 windows every 341 pixels) at Rein's test sizes: Cityscapes val at 1024x512, BDD100K at

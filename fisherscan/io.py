@@ -164,3 +164,30 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def recorded_base(written: Path, recorded_out: str | None) -> Path:
+    """The folder a relative path recorded in a file is read against. Files record absolute paths; older ones
+    recorded them as given, relative to the working folder of the run that wrote ``written`` (a scores file or a
+    run folder) as ``recorded_out``: that folder is recovered when ``written`` still ends with ``recorded_out``,
+    else ``written``'s own folder is taken."""
+    written = Path(os.path.abspath(written))
+    if recorded_out and not os.path.isabs(recorded_out):
+        parts = Path(os.path.normpath(recorded_out)).parts
+        if ".." not in parts and written.parts[-len(parts):] == parts:
+            return Path(*written.parts[:-len(parts)])
+    return written.parent
+
+
+def resolve_recorded(value: str | None, base: Path) -> Path | None:
+    """A path recorded in a file, absolute: as it is when absolute, else read against ``base``."""
+    if value is None:
+        return None
+    return Path(os.path.abspath(Path(base) / value))
+
+
+def cache_folder(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/fisherscan/<parts>`` (``~/.cache/fisherscan/...``): where the tools write when the user
+    names no folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "fisherscan", *parts)

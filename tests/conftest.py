@@ -196,6 +196,19 @@ def one_error_line(result, *needles: str) -> str:
     return errors[0]
 
 
+def placed(path, folder):
+    """The contents of a file fisherscan wrote, with the absolute ``folder`` in them written as '<folder>': files
+    record absolute paths, so the same run in two folders writes the same files apart from those. Safetensors:
+    (header without its alignment padding, tensor bytes)."""
+    from pathlib import Path
+
+    raw, marker = Path(path).read_bytes(), str(folder).encode()
+    if Path(path).suffix != ".safetensors":
+        return raw.replace(marker, b"<folder>")
+    size = int.from_bytes(raw[:8], "little")
+    return raw[8:8 + size].rstrip(b" ").replace(marker, b"<folder>"), raw[8 + size:]
+
+
 def write_random_scores(path, model: str, images: int, seed: int = 123):
     """A scores file of uniform random values with ``model``'s names and shapes (tune needs no real scores)."""
     from fisherscan.models.backbone import build_backbone

@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..data.scenes import (
 )
 from ..data.synthetic import DOMAINS, render_scene
 from ..errors import FisherscanError
-from ..io import read_info, write_tensors
+from ..io import cache_folder, read_info, write_tensors
 from ..models.backbone import create_architecture
 from ..models.segmenter import Segmenter
 from ..runtime import progress_bar
@@ -72,10 +71,7 @@ class PretrainConfig:
 def cache_dir(explicit: Path | None = None) -> Path:
     """Where pretrained backbones are kept: ``explicit``, else ``$XDG_CACHE_HOME/fisherscan/proxy_dg``
     (``~/.cache/fisherscan/proxy_dg``)."""
-    if explicit is not None:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fisherscan" / "proxy_dg"
+    return Path(explicit) if explicit is not None else cache_folder("proxy_dg")
 
 
 def coarse_labels(label: np.ndarray) -> np.ndarray:

@@ -12,11 +12,39 @@ from typing import Iterator
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from ..errors import FisherscanError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Fisher-guided robust tuning (FisherTune) of ViT foundation models for DG segmentation.")
+
+def _no_flag_metavar(params: list) -> list:
+    for param in params:  # a flag takes no value: show none (typer would show <bool>)
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A command whose flags (``--help`` too) show no ``<bool>`` metavar."""
+
+    def get_params(self, ctx) -> list:
+        return _no_flag_metavar(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx) -> list:
+        return _no_flag_metavar(super().get_params(ctx))
+
+
+class App(typer.Typer):
+    """``typer.Typer`` whose commands are ``Command``s."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+app = App(cls=Group, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+          help="Fisher-guided robust tuning (FisherTune) of ViT foundation models for DG segmentation.")
 console = Console(stderr=True)
 stdout = Console()
 
@@ -36,25 +64,9 @@ def user_errors() -> Iterator[None]:
 
 def parse_fraction(text: str, option: str, allow_zero: bool = True) -> float:
     """'5%' or '0.05' -> 0.05, within [0, 1] (or (0, 1] without ``allow_zero``); a one-line error otherwise."""
-    try:
-        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
-    except ValueError:
-        raise FisherscanError(f"{option} {text}: pass a fraction like 0.05 or a percentage like 5%") from None
-    if not (0 <= value <= 1) or (value == 0 and not allow_zero):
-        bounds = "[0, 1] (0% to 100%)" if allow_zero else "(0, 1] (above 0%, at most 100%)"
-        raise FisherscanError(f"{option} {text}: must lie in {bounds}")
-    return value
+    from ..recipes.layers import parse_fraction as parse
 
-
-def parse_blocks(text: str | None, option: str = "--feature-blocks") -> tuple[int, ...] | None:
-    """'7,11,15,23' -> (7, 11, 15, 23) for --feature-blocks or --perturb-at; None stays None."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        example = "7,11,15,23" if option == "--feature-blocks" else "0,2,4"
-        raise FisherscanError(f"{option} {text}: pass block indices like {example}") from None
+    return parse(text, option, allow_zero)
 
 
 def print_paths(*labelled: tuple[str, Path]) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 
+from ..errors import FisherscanError
 from .app import app, parse_fraction, print_paths, stdout, user_errors
 
 PATH_LABELS = {"heatmap-csv": "heatmap table", "histogram-csv": "histogram table", "blocks-csv": "blocks table"}
@@ -44,9 +45,10 @@ def plot(
         print_paths(*((PATH_LABELS.get(label, label), path) for label, path in result.paths.items()))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})  # the old spelling 'inspect FILE'
 def inspect(
-    scores: Path = typer.Argument(..., help="scores file from 'fisherscan score'"),
+    ctx: typer.Context,
+    scores: Optional[Path] = typer.Option(None, "--scores", help="scores file from 'fisherscan score'"),
     csv: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV"),
     compare: Optional[Path] = typer.Option(None, "--compare", help="a second scores file: rank agreement with it"),
     kind: Optional[str] = typer.Option(None, "--kind", help="kinds, comma-separated (default fim,drfim)"),
@@ -56,6 +58,11 @@ def inspect(
     from ..scores.compare import run_inspect
 
     with user_errors():
+        if len(ctx.args) > 1 or (ctx.args and scores is not None):
+            raise FisherscanError(f"inspect {' '.join(ctx.args)}: pass one scores file, as --scores FILE")
+        scores = scores if scores is not None else (Path(ctx.args[0]) if ctx.args else None)
+        if scores is None:
+            raise FisherscanError("--scores: missing; pass the scores file written by 'fisherscan score'")
         tables, _ = run_inspect(scores, kind=kind, top=parse_top(top), compare=compare, csv=csv)
         for table in tables:
             print_whole(table)

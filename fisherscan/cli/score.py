@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .app import app, console, parse_blocks, print_paths, stdout, user_errors
+from ..recipes.config import ScoreConfig
+from .app import app, console, print_paths, stdout, user_errors
+from .options import config_options, given
 
 
 def report_scores(result, out: Path) -> None:
@@ -42,78 +44,23 @@ def reliability_table(record: dict):
     return table
 
 
+CONFIG_HELP = ("TOML or JSON file of options, keys = the option names with underscores (batch_size = 4); a run's "
+               "manifest.json or a scores file repeats that run; options given here win")
+
+
 @app.command()
+@config_options(ScoreConfig, notes=dict.fromkeys(("model", "data"), "required, here or in --config"))
 def score(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; "
-                                                    "?key=value&... passes create_model arguments"),
-    data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
-    out: Path = typer.Option(Path("scores.safetensors"), "--out", help="scores file to write"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="checkpoint (.pth official or .safetensors)"),
-    random_init: bool = typer.Option(False, "--random-init", help="allow an untrained backbone"),
-    strict: bool = typer.Option(True, "--strict/--no-strict",
-                                help="checkpoint keys missing or unexpected after conversion are an error"),
-    layout: str = typer.Option("auto", "--layout", help="auto|gta5|cityscapes|bdd100k|mapillary|acdc|generic"),
-    split: str = typer.Option("train", "--split", help="dataset split where the layout has splits"),
-    images: Optional[int] = typer.Option(None, "--images", help="score a seeded random subset of N images"),
-    batch_size: int = typer.Option(8, "--batch-size", help="images per batch (Eq. 6's batch spread); under "
-                                                          "torchrun the global batch, split across the ranks"),
-    crop: int = typer.Option(512, "--crop", help="square crop; padded to a multiple of the patch size"),
-    decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
-    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks", help="4 block indices (multilevel, "
-                                                 "mask2former; default Rein's 7,11,15,23 at depth 24)"),
-    head: Optional[Path] = typer.Option(None, "--head", help="load a warmed-up head instead of warming up"),
-    warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up steps (Algorithm 1, step 1)"),
-    warmup_lr: float = typer.Option(1e-3, "--warmup-lr"),
-    labels: str = typer.Option("sampled", "--labels", help="sampled (true Fisher) or given (empirical)"),
-    estimator: str = typer.Option("diagonal", "--estimator", help="diagonal (exact Eq. 9) or variational (Eq. 10-15)"),
-    gamma: float = typer.Option(1.0, "--gamma", help="variational: KL weight (Eq. 11)"),
-    tau: float = typer.Option(1e-3, "--tau", help="variational: prior std around the pretrained weights (Eq. 10)"),
-    var_steps: int = typer.Option(500, "--var-steps", help="variational: optimisation steps T2 per precision"),
-    var_lr: float = typer.Option(0.0, "--var-lr", help="variational: step size (0: running average)"),
-    var_scale: Optional[float] = typer.Option(None, "--var-scale",
-                                              help="variational: likelihood scale (default: images)"),
-    label_draws: int = typer.Option(1, "--label-draws", help="label draws per image, its squares averaged"),
-    shift: str = typer.Option("eq6", "--shift", help="the simulated domain of F(x'): eq6 or pixel"),
-    shift_data: Optional[Path] = typer.Option(None, "--shift-data", help="real images of another style for F(x')"),
-    perturb_at: str = typer.Option("0", "--perturb-at", help="block(s) whose input tokens get Eq. 6, e.g. 0,2,4"),
-    perturb_prob: float = typer.Option(1.0, "--perturb-prob", help="probability of Eq. 6 per image and site"),
-    perturb_strength: float = typer.Option(1.0, "--perturb-strength", help="multiplies Eq. 6's spread"),
-    spread: str = typer.Option("batch", "--spread", help="Eq. 6's spread: batch (DSU) or pool (fixed)"),
-    spread_pool: int = typer.Option(64, "--spread-pool", help="images of the pool of --spread pool"),
-    drfim_weight: float = typer.Option(1.0, "--drfim-weight", help="lambda in DR-FIM = F + lambda * w * Delta F"),
-    combine: str = typer.Option("sum", "--combine", help="sum (normalised values) or rank (ranks)"),
-    replicates: int = typer.Option(1, "--replicates", help="2: report each kind's half-vs-half reliability"),
-    normalize: bool = typer.Option(True, "--normalize/--literal",
-                                   help="docs/method.md normalisation or the literal Eq. 7"),
-    delta_eps: Optional[float] = typer.Option(None, "--delta-eps",
-                                              help="Eq. 5 eps (default 1e-3 normalised, 1e-8 literal)"),
-    shift_weight: Optional[float] = typer.Option(None, "--shift-weight", help="fixed weight of the domain term"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes"),
-    chunk_size: int = typer.Option(8, "--chunk-size",
-                                   help="images per chunk of per-image gradient work (bounds memory)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (and discard a partial file)"),
-    save_every: int = typer.Option(50, "--save-every",
-                                   help="save the resumable state every N batches (variational: steps)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from <out stem>.partial.safetensors"),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after",
-                                             help="stop resumably after N batches of this run (no scores file yet)"),
-    max_bad_frac: float = typer.Option(0.1, "--max-bad-frac",
-                                       help="stop with an error when more than this fraction of batches has "
-                                            "non-finite losses or gradients (such batches are skipped)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs "
-                                                            "(checked before the run, listed in the metadata) "
-                                                            "instead of stopping"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP, rich_help_panel="Run control"),
+    **options,
 ) -> None:
     """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
-    from ..recipes.config import ScoreConfig
+    from ..recipes.layers import score_config
     from ..recipes.score import run_score
 
     with user_errors():
-        config = ScoreConfig(**{**ctx.params, "feature_blocks": parse_blocks(feature_blocks),
-                                 "perturb_at": parse_blocks(perturb_at, "--perturb-at")})
+        config = score_config(given(ctx, ScoreConfig, options), config_file).config
         result = run_score(config, console)
         if not result.main:  # torchrun: rank 0 reports
             return
@@ -122,22 +69,26 @@ def score(
                 stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
             print_paths(("partial", result.partial_path))
             return
-        report_scores(result, out)
+        report_scores(result, config.out)
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("fisherscan-demo"), "--out", help="folder for the generated data and outputs"),
+    out: Optional[Path] = typer.Option(None, "--out", show_default=False,
+                                       help="folder for the generated data and outputs (default "
+                                            "$XDG_CACHE_HOME/fisherscan/demo, i.e. ~/.cache/fisherscan/demo)"),
     images: int = typer.Option(32, "--images", help="source images to score"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed", help="seed of the scenes, the scoring and the tuning"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     tune_steps: int = typer.Option(30, "--tune-steps", help="fine-tuning steps per strategy (0: score only)"),
 ) -> None:
     """The built-in default job: procedural scenes in 5 domains; score a small ViT on the source, tune it from the
     DR-FIM scores and with a frozen backbone, evaluate both on every domain."""
     from ..bench.demo import run_demo, tune_and_evaluate
+    from ..io import cache_folder
     from ..scores.plot import plot_scores
 
+    out = out if out is not None else cache_folder("demo")
     with user_errors():
         result, scores_path = run_demo(out, images=images, seed=seed, device=device, console=console)
         report_scores(result, scores_path)

@@ -3,87 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.markup import escape
 
 from ..models.groups import CANDIDATE_GROUPS
-from .app import app, console, parse_blocks, parse_fraction, print_paths, stdout, user_errors
+from ..recipes.config import TuneConfig
+from ..recipes.inherit import INHERITED
+from .app import app, console, parse_fraction, print_paths, stdout, user_errors
+from .options import config_options, field_help, given
+from .score import CONFIG_HELP
 
 
 @app.command()
+@config_options(TuneConfig, notes={**{name: "from --scores" for name in INHERITED if name != "head"},
+                                   "out": "<scores name>-run beside --scores"})
 def tune(
     ctx: typer.Context,
-    scores: Path = typer.Option(..., "--scores", help="scores file from 'fisherscan score'"),
-    model: str = typer.Option(..., "--model", help="the model the scores were computed on"),
-    data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
-    out: Path = typer.Option(..., "--out", help="run folder to write"),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
-    random_init: bool = typer.Option(False, "--random-init"),
-    strict: bool = typer.Option(True, "--strict/--no-strict",
-                                help="checkpoint keys missing or unexpected after conversion are an error"),
-    layout: str = typer.Option("auto", "--layout"),
-    split: str = typer.Option("train", "--split"),
-    images: Optional[int] = typer.Option(None, "--images"),
-    steps: int = typer.Option(1000, "--steps", help="fine-tuning steps T3"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    accumulate: int = typer.Option(1, "--accumulate", help="gradient accumulation: batches per step"),
-    crop: int = typer.Option(512, "--crop"),
-    augment: str = typer.Option("crop", "--augment", help="crop (random crop + flip) or rein (resize 0.5-2.0, "
-                                "class-balanced crop, flip, photometric distortion)"),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="preset of a published protocol: rein-512 "
-                                         "(options given explicitly override it)"),
-    strategy: str = typer.Option("scores", "--strategy",
-                                 help="scores (by --score-kind), fim, delta, drfim, random, random-q/k/v, full, "
-                                      "freeze"),
-    score_kind: str = typer.Option("drfim", "--score-kind", help="score kind that ranks elements"),
-    candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates", help="groups to select from"),
-    delta_min: str = typer.Option("1%", "--delta-min",
-                                  help="selected fraction of all backbone parameters at the start"),
-    delta_max: str = typer.Option("5%", "--delta-max", help="... at the end (Eq. 16)"),
-    schedule_t: Optional[float] = typer.Option(None, "--schedule-T", help="Eq. 16 time constant (default steps/3)"),
-    lr: float = typer.Option(1e-4, "--lr"),
-    weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
-    feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks", help="4 block indices for the decoder"),
-    head: Optional[Path] = typer.Option(None, "--head", help="head to start from (default: the one beside the scores)"),
-    warmup_steps: int = typer.Option(200, "--warmup-steps", help="decoder warm-up when no head is found"),
-    full_checkpoint: bool = typer.Option(False, "--full-checkpoint", help="save the whole backbone"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the run folder's checkpoint"),
-    save_every: int = typer.Option(100, "--save-every", help="steps between resumable checkpoints"),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after N steps, resumable"),
-    eval: Optional[List[Path]] = typer.Option(None, "--eval", help="target domain folder(s) to evaluate at the end"),
-    eval_every: int = typer.Option(0, "--eval-every", help="also evaluate every N steps"),
-    eval_layout: str = typer.Option("auto", "--eval-layout"),
-    eval_split: str = typer.Option("val", "--eval-split"),
-    eval_crop: Optional[int] = typer.Option(None, "--eval-crop", help="slide window (default --crop)"),
-    eval_stride: Optional[int] = typer.Option(None, "--eval-stride", help="slide stride (default 2/3 of the window)"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    workers: int = typer.Option(2, "--workers"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished run (or a stopped one) in --out"),
-    max_bad_frac: float = typer.Option(0.1, "--max-bad-frac",
-                                       help="stop with an error when more than this fraction of steps has non-finite "
-                                            "losses or gradients (such steps are skipped)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable or invalid image/label pairs "
-                                                            "(checked before the run, listed in the manifest) "
-                                                            "instead of stopping"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP, rich_help_panel="Run control"),
+    **options,
 ) -> None:
-    """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder."""
-    from ..recipes.config import TuneConfig
-    from ..recipes.presets import apply_recipe
+    """Fine-tune only the backbone elements the scores select (Algorithm 1 step 3), plus the decoder. The model,
+    its weights, the data, the crop, the decoder and the head come from --scores unless given."""
+    from ..recipes.layers import tune_config
     from ..recipes.tune import run_tune
 
     with user_errors():
-        config = TuneConfig(**{**ctx.params, "candidates": parse_groups(candidates), "eval": tuple(eval or ()),
-                               "delta_min": parse_fraction(delta_min, "--delta-min"),
-                               "delta_max": parse_fraction(delta_max, "--delta-max"),
-                               "feature_blocks": parse_blocks(feature_blocks)})
-        explicit = {name for name in ctx.params  # (by name: typer may carry its own copy of click)
-                    if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-        config = apply_recipe(config, explicit)
-        report_tune(run_tune(config, console), config)
+        resolved = tune_config(given(ctx, TuneConfig, options), config_file)
+        report_tune(run_tune(resolved.config, console, resolved.sources), resolved.config)
 
 
 def report_tune(result, config) -> None:
@@ -114,14 +62,15 @@ def parse_groups(text: str) -> tuple[str, ...]:
 
 @app.command()
 def mask(
-    scores: Path = typer.Option(..., "--scores"),
+    scores: Path = typer.Option(..., "--scores", help="scores file from 'fisherscan score'"),
     out: Path = typer.Option(..., "--out", help="mask file (.safetensors), tensors mask/<param> as uint8"),
-    budget: str = typer.Option("5%", "--budget", help="fraction of all backbone parameters to select"),
-    strategy: str = typer.Option("scores", "--strategy"),
-    score_kind: str = typer.Option("drfim", "--score-kind"),
-    candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates"),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    budget: str = typer.Option("5%", "--budget", help="fraction of all backbone parameters to select: 0.05 or 5%"),
+    strategy: str = typer.Option("scores", "--strategy", help=field_help(TuneConfig, "strategy")),
+    score_kind: str = typer.Option("drfim", "--score-kind", help=field_help(TuneConfig, "score_kind")),
+    candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates",
+                                   help=field_help(TuneConfig, "candidates")),
+    seed: int = typer.Option(0, "--seed", help="seed of the random strategies"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Write the selection for a budget as a safetensors mask, for use in other trainers."""
     from ..scores.select import write_mask

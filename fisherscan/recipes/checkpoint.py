@@ -22,7 +22,7 @@ import torch
 from .. import __version__
 from ..errors import FisherscanError
 from ..fisher.variational import VariationalResult, precision_to_fisher
-from ..io import atomic_target, options_json, read_info, read_tensors, write_tensors
+from ..io import atomic_target, options_json, read_info, read_tensors, recorded_base, write_tensors
 from ..models.segmenter import Segmenter
 from .config import ScoreConfig, changed_options
 from .optim import MaskedAdamW
@@ -175,7 +175,8 @@ def plan_partial(config: ScoreConfig) -> tuple[Path, dict | None]:
         path.unlink()
         return path, None
     info = read_partial_info(path)
-    changed = changed_options(info["options"], options_json(config))
+    changed = changed_options(info["options"], options_json(config),
+                              recorded_base(path, info["options"].get("out")))
     if changed:
         shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
         if config.resume:
@@ -220,7 +221,8 @@ def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAda
         odd = sorted(set(tensors) ^ expected)
         raise FisherscanError(f"{path}: {len(set(tensors) - expected)} unexpected and {len(expected - set(tensors))} "
                               f"missing tensors ({', '.join(odd[:3])}); it is not this run's checkpoint: {FRESH}")
-    changed = changed_options(info["options"], manifest["options"])
+    changed = changed_options(info["options"], manifest["options"],
+                              recorded_base(path.parent, info["options"].get("out")))
     if changed:
         raise FisherscanError(f"the checkpoint in {path.parent} was made with other options "
                               f"({', '.join(changed[:4])}); use the same options, or pass --overwrite to start afresh")

@@ -10,6 +10,9 @@ metadata and the run manifest record them (``fisherscan.io.options_json``).
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +21,17 @@ from ..models.groups import CANDIDATE_GROUPS
 PANELS = ("model", "data", "method", "shift", "variational", "selection", "optimisation", "evaluation",
           "run control", "output")
 
+UNIONS = (typing.Union, types.UnionType)
+
 # options that may change between a stopped run and its continuation: none of them changes a result
 RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_every", "max_bad_frac", "eval",
                "eval_every", "eval_layout", "eval_split", "eval_crop", "eval_stride")
 
 
 def option(default=dataclasses.MISSING, help: str = "", panel: str = "run control", **metadata):
-    """A config field with its command-line help and panel (``metadata``: e.g. ``flag="--normalize/--literal"``
-    for a boolean pair, ``hidden=True``)."""
+    """A config field with its command-line help and panel. ``metadata``: ``flag="--normalize/--literal"`` for a
+    boolean pair (default ``--x/--no-x``), ``fraction=True`` for a value the command line also takes as a
+    percentage (5%), ``aliases=("--old-name",)`` for hidden old spellings, ``hidden=True``."""
     if panel not in PANELS:
         raise ValueError(f"unknown panel {panel!r}")
     return dataclasses.field(default=default, metadata={"help": help, "panel": panel, **metadata})
@@ -54,7 +60,7 @@ class RunConfig:
     warmup_steps: int = option(200, "decoder warm-up steps with the backbone frozen (Algorithm 1, step 1)", "method")
     seed: int = option(0, "seed of every draw (subset, crops, labels, shifts, selection)", "run control")
     device: str = option("auto", "auto|cpu|cuda", "run control")
-    workers: int = option(0, "DataLoader worker processes decoding images", "run control")
+    workers: int = option(2, "DataLoader worker processes decoding images (0: in the main process)", "run control")
     overwrite: bool = option(False, "replace an existing --out (and discard a stopped run's state)", "output")
     save_every: int = option(50, "save the resumable state every N batches or steps", "run control")
     resume: bool = option(False, "continue the stopped run of the same command", "run control")
@@ -117,7 +123,8 @@ class TuneConfig(RunConfig):
     scores: Path = option(help="scores file from 'fisherscan score'", panel="selection")
     out: Path = option(help="run folder to write", panel="output")
     head: Path | None = option(None, "head to start from (default: the one saved beside the scores)", "model")
-    warmup_steps: int = option(200, "decoder warm-up steps when no head is found", "method")
+    warmup_steps: int = option(200, "decoder warm-up steps when no head is found; given with another --decoder than "
+                                    "the scores', a new head is warmed up", "method")
     steps: int = option(1000, "fine-tuning steps T3", "optimisation")
     accumulate: int = option(1, "gradient accumulation: batches per step", "optimisation")
     augment: str = option("crop", "crop (random crop + flip) or rein (resize 0.5-2.0, class-balanced crop, flip, "
@@ -128,10 +135,12 @@ class TuneConfig(RunConfig):
                                      "freeze", "selection")
     score_kind: str = option("drfim", "score kind that ranks elements", "selection")
     candidates: tuple[str, ...] = option(CANDIDATE_GROUPS, "groups to select from", "selection")
-    delta_min: float = option(0.01, "selected fraction of all backbone parameters at the start (Eq. 16)",
-                              "selection")
-    delta_max: float = option(0.05, "selected fraction of all backbone parameters at the end (Eq. 16)", "selection")
-    schedule_t: float | None = option(None, "Eq. 16 time constant (default steps/3)", "selection")
+    delta_min: float = option(0.01, "selected fraction of all backbone parameters at the start (Eq. 16): 0.01 or 1%",
+                              "selection", fraction=True)
+    delta_max: float = option(0.05, "selected fraction of all backbone parameters at the end (Eq. 16): 0.05 or 5%",
+                              "selection", fraction=True)
+    schedule_t: float | None = option(None, "Eq. 16 time constant (default steps/3)", "selection",
+                                      aliases=("--schedule-T",))
     lr: float = option(1e-4, "AdamW learning rate (poly decay)", "optimisation")
     weight_decay: float = option(0.05, "AdamW weight decay (selected elements and the decoder only)", "optimisation")
     power: float = option(0.9, "poly decay power", "optimisation")
@@ -143,7 +152,6 @@ class TuneConfig(RunConfig):
     eval_split: str = option("val", "split of the --eval folders", "evaluation")
     eval_crop: int | None = option(None, "slide window (default --crop)", "evaluation")
     eval_stride: int | None = option(None, "slide stride (default 2/3 of the window)", "evaluation")
-    workers: int = option(2, "DataLoader worker processes decoding images", "run control")
     save_every: int = option(100, "steps between resumable checkpoints", "run control")
 
 
@@ -159,7 +167,51 @@ def recorded_option(saved: dict, key: str):
     return [value] if key == "perturb_at" and isinstance(value, int) else value
 
 
-def changed_options(saved: dict, now: dict) -> list[str]:
-    """The recorded options (JSON) of a stopped run that differ from this run's, ``RESUME_SAFE`` left out."""
+def field_types(cls) -> dict[str, object]:
+    """Each field's type (``Path | None``, ``tuple[int, ...] | None``, ...) of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def path_kind(hint) -> str | None:
+    """"path" for a ``Path`` field (optional or not), "paths" for ``tuple[Path, ...]``, else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in UNIONS else [hint]
+    base = args[0] if len(args) == 1 else None
+    if base is Path:
+        return "path"
+    if typing.get_origin(base) is tuple and typing.get_args(base)[:1] == (Path,):
+        return "paths"
+    return None
+
+
+def absolute_paths(config):
+    """``config`` with every path field absolute (``os.path.abspath``: '..' folded, links kept), so the files a run
+    writes name the same paths from any working folder."""
+    changes = {}
+    for name, hint in field_types(type(config)).items():
+        value, kind = getattr(config, name), path_kind(hint)
+        if value is not None and kind == "path":
+            changes[name] = Path(os.path.abspath(value))
+        elif kind == "paths":
+            changes[name] = tuple(Path(os.path.abspath(v)) for v in value)
+    return dataclasses.replace(config, **changes)
+
+
+def _same(saved, now, base: Path | None) -> bool:
+    """Recorded and current option values agree; a relative recorded path (files written before paths were
+    recorded absolute) names the same place when read against the working folder or ``base``."""
+    if saved == now:
+        return True
+    if isinstance(saved, list) and isinstance(now, list):
+        return len(saved) == len(now) and all(_same(a, b, base) for a, b in zip(saved, now))
+    if not (isinstance(saved, str) and isinstance(now, str)) or os.path.isabs(saved) or not os.path.isabs(now):
+        return False
+    return any(os.path.abspath(os.path.join(folder, saved)) == now
+               for folder in (os.getcwd(), *((str(base),) if base is not None else ())))
+
+
+def changed_options(saved: dict, now: dict, base: Path | None = None) -> list[str]:
+    """The recorded options (JSON) of a stopped run that differ from this run's, ``RESUME_SAFE`` left out (a missing
+    one read as its ``LEGACY`` value); ``base``: the folder a relative recorded path is read against (besides the
+    working folder)."""
     keys = (set(saved) | set(now)) - set(RESUME_SAFE)
-    return sorted(k for k in keys if recorded_option(saved, k) != now.get(k))
+    return sorted(k for k in keys if not _same(recorded_option(saved, k), now.get(k), base))

@@ -30,11 +30,16 @@ class Rein512:
 RECIPES = {"rein-512": Rein512}
 
 
+def recipe_values(name: str | None) -> dict:
+    """The option values the recipe ``name`` sets (none for None)."""
+    if name is None:
+        return {}
+    if name not in RECIPES:
+        raise FisherscanError(f"--recipe {name}: unknown recipe; use one of {', '.join(RECIPES)}")
+    return dataclasses.asdict(RECIPES[name]())
+
+
 def apply_recipe(config, explicit: set[str] = frozenset()):
     """``config`` (a TuneConfig) with its recipe's values, except for the options in ``explicit``."""
-    if config.recipe is None:
-        return config
-    if config.recipe not in RECIPES:
-        raise FisherscanError(f"--recipe {config.recipe}: unknown recipe; use one of {', '.join(RECIPES)}")
-    values = dataclasses.asdict(RECIPES[config.recipe]())
+    values = recipe_values(config.recipe)
     return dataclasses.replace(config, **{k: v for k, v in values.items() if k not in explicit})

@@ -31,6 +31,7 @@ from ..data.layouts import find_pairs, select_images
 from ..data.shift_data import ShiftedDataset, find_shift_images
 from ..errors import FisherscanError
 from ..fisher.diagonal import make_engine
+from ..io import resolve_recorded
 from ..models.backbone import Backbone, build_backbone
 from ..models.groups import candidate_names, parameter_groups
 from ..models.heads import head_path_for, load_head, save_head
@@ -38,7 +39,7 @@ from ..models.segmenter import Segmenter
 from ..runtime import progress_bar, resolve_device
 from ..scores.file import save_scores
 from . import checkpoint, distributed
-from .config import ScoreConfig
+from .config import ScoreConfig, absolute_paths
 from .distributed import Ranks
 from .score_checks import check_config
 from .score_loop import Estimate, all_finite, new_state, run_diagonal
@@ -89,6 +90,13 @@ class ScoreRun:
         return torch.bfloat16 if self.device.type == "cuda" else None
 
 
+def skipped_files(skipped: list[dict], recorded_in: Path | None = None) -> list[tuple[str, str]]:
+    """The (image, label) files of ``--skip-bad``'s list, absolute (a partial file written before paths were recorded
+    absolute lists them relative to the folder it lies in)."""
+    base = Path(recorded_in).parent if recorded_in is not None else Path.cwd()
+    return [(str(resolve_recorded(s["image"], base)), str(resolve_recorded(s["label"], base))) for s in skipped]
+
+
 def set_up(config: ScoreConfig, ranks: Ranks, device: torch.device) -> ScoreRun:
     """The partial-file plan, the data (pairs found, subset drawn, bad pairs decided), the model and the notes."""
     sharded = ranks.world > 1
@@ -99,7 +107,7 @@ def set_up(config: ScoreConfig, ranks: Ranks, device: torch.device) -> ScoreRun:
     torch.manual_seed(config.seed)
     layout, pairs = find_pairs(config.data, config.layout, config.split)
     pairs, skipped = check_pairs(select_images(pairs, config.images, config.seed), config.skip_bad)
-    if partial is not None and partial.get("skipped", []) != skipped:
+    if partial is not None and skipped_files(partial.get("skipped", []), partial_path) != skipped_files(skipped):
         raise FisherscanError(f"{partial_path}: the data set changed since the run stopped (other pairs skipped by "
                               "--skip-bad); restore it, or delete the partial file or pass --overwrite")
     backbone = build_backbone(config.model, weights=config.weights, random_init=config.random_init,
@@ -264,7 +272,9 @@ def write(run: ScoreRun, scores: dict, metadata: dict) -> None:
 
 
 def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
-    """Run the whole ``score`` job and write ``config.out`` (+ the head beside it)."""
+    """Run the whole ``score`` job and write ``config.out`` (+ the head beside it); its metadata records absolute
+    paths."""
+    config = absolute_paths(config)
     check_config(config)
     ranks, device = distributed.setup(resolve_device(config.device))
     try:

@@ -34,7 +34,7 @@ from ..data.labels import NUM_CLASSES
 from ..data.layouts import find_pairs, select_images
 from ..errors import FisherscanError
 from ..eval.evaluate import evaluate_datasets, prepare_datasets, save_results
-from ..io import options_json
+from ..io import options_json, recorded_base, resolve_recorded
 from ..models.backbone import Backbone, build_backbone
 from ..models.groups import GROUPS
 from ..models.heads import load_head
@@ -45,8 +45,9 @@ from ..scores.file import load_scores
 from ..scores.select import STRATEGIES, selected_count, selection_order
 from . import distributed
 from .checkpoint import restore_checkpoint, save_checkpoint, save_run, write_log
-from .config import TuneConfig
+from .config import TuneConfig, absolute_paths
 from .distributed import Ranks
+from .inherit import fitting_head
 from .optim import MaskedAdamW, poly_lr
 from .warmup import warm_up_decoder
 
@@ -85,6 +86,7 @@ class TuneRun:
     targets: list
     out: Path
     notes: list[str] = field(default_factory=list)
+    scores_head: Path | None = None  # the head ``score`` saved beside the scores (absolute)
 
     @property
     def autocast(self) -> bool:
@@ -185,8 +187,9 @@ def set_up(config: TuneConfig, ranks: Ranks, device: torch.device) -> TuneRun:
                                   augmentation=AUGMENTATIONS[config.augment],
                                   **({"mean": mean, "std": std} if mean and std else {}))
     notes = [skipped_note(skipped, len(pairs) + len(skipped))] if skipped else []
+    base = recorded_base(config.scores, (score_meta.get("options") or {}).get("out"))
     return TuneRun(config, ranks, device, backbone, segmenter, dataset, scores, score_meta, layout, skipped, targets,
-                   out, notes)
+                   out, notes, resolve_recorded(score_meta.get("head"), base))
 
 
 class Selection:
@@ -238,7 +241,7 @@ class Selection:
         return int(self.flat.sum())
 
 
-def tune_manifest(run: TuneRun, selection: Selection) -> dict:
+def tune_manifest(run: TuneRun, selection: Selection, sources: dict | None = None) -> dict:
     config, backbone = run.config, run.backbone
     return {
         "fisherscan_version": __version__, "kind": "tune-run",
@@ -256,6 +259,7 @@ def tune_manifest(run: TuneRun, selection: Selection) -> dict:
                       "weight_decay": config.weight_decay, "poly_power": config.power},
         "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop, "world_size": run.ranks.world,
         "options": options_json(config, exclude=RUN_CONTROL),
+        **({"option_sources": {k: v for k, v in sources.items() if k not in RUN_CONTROL}} if sources else {}),
     }
 
 
@@ -283,11 +287,11 @@ def start(run: TuneRun, selection: Selection, manifest: dict, resuming: bool, pr
         return TrainState(step, log, int(info.get("bad_steps", 0)))
     if path.exists() and run.ranks.main:  # --overwrite: a stale checkpoint must not be continued
         path.unlink()
-    head = config.head or (Path(run.score_meta["head"]) if run.score_meta.get("head") else None)
-    if head is not None and Path(head).is_file():
+    head = config.head or fitting_head(run.scores_head, config.decoder, config.feature_blocks)
+    if head is not None:
         load_head(head, run.segmenter)
         manifest["head"] = str(head)
-    else:
+    else:  # no head beside the scores, or one for another decoder
         warm_up_decoder(run.segmenter, make_loader(run.dataset, config.batch_size, config.workers),
                         config.warmup_steps, WARMUP_LR, run.device, run.autocast, progress)
         manifest["head"] = f"warmed up for {config.warmup_steps} steps"
@@ -394,8 +398,10 @@ def save(run: TuneRun, selection: Selection, state: TrainState, manifest: dict, 
         return evaluate_run(run.segmenter, run.targets, run.config, run.device, progress, run.out, "eval")
 
 
-def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
-    """Run the whole ``tune`` job into ``config.out`` (a folder)."""
+def run_tune(config: TuneConfig, console: Console | None = None, sources: dict | None = None) -> TuneResult:
+    """Run the whole ``tune`` job into ``config.out`` (a folder); ``sources``: where each option came from
+    (``layers.tune_config``), recorded in the manifest."""
+    config = absolute_paths(config)
     check_config(config)
     resuming = continues(config)
     ranks, device = distributed.setup(resolve_device(config.device))
@@ -403,7 +409,7 @@ def run_tune(config: TuneConfig, console: Console | None = None) -> TuneResult:
     try:
         run = set_up(config, ranks, device)
         selection = Selection(run)
-        manifest = tune_manifest(run, selection)
+        manifest = tune_manifest(run, selection, sources)
         with progress_bar(console) as progress:
             state = start(run, selection, manifest, resuming, progress)
             selection.grow_to(state.step)

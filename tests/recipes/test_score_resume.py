@@ -3,7 +3,7 @@ automatic continuation, refusal on changed options, and skipping batches with no
 
 Tiny on purpose: a randomly initialised ViT-Ti/16 on 8 procedural 48x48 images, 32-pixel crops, batches of 2
 (4 batches), 2 warm-up steps, on the CPU. The oracle for resuming is an uninterrupted run: the scores file (and
-the head) must be the same bytes.
+the head) must be the same bytes, apart from the run's own folder in the paths they record.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke, ok, one_error_line
+from conftest import invoke, ok, one_error_line, placed
 
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.fisher.engine import HookEngine
@@ -27,8 +27,8 @@ COMMON = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--crop", "32
 
 
 def score_in(data: Path, out: Path, *extra):
-    """Run ``score`` from ``out``'s folder with ``--out`` relative to it, so the metadata (which records the
-    paths) of runs in different folders can be compared byte for byte."""
+    """Run ``score`` from ``out``'s folder with ``--out`` relative to it (the metadata records it absolute: files of
+    runs in different folders are compared with their folders taken out, ``placed``)."""
     out = Path(out)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(out.parent)
@@ -66,8 +66,8 @@ def test_stop_then_resume_is_byte_identical(tmp_path, data, uninterrupted):
 
     resumed = ok(score_in(data, out, "--resume"))
     assert "continued" in resumed.stdout
-    assert out.read_bytes() == uninterrupted.read_bytes()
-    assert head(out).read_bytes() == head(uninterrupted).read_bytes()
+    assert placed(out, tmp_path) == placed(uninterrupted, uninterrupted.parent)
+    assert placed(head(out), tmp_path) == placed(head(uninterrupted), uninterrupted.parent)
     assert not partial(out).exists()
     assert "continued" not in " ".join(load_scores(out)[1]["notes"])  # the file does not say it was continued
 
@@ -79,7 +79,7 @@ def test_plain_rerun_continues_automatically_with_a_notice(tmp_path, data, unint
     assert "2 of 4 batches" in step.stdout
     again = ok(score_in(data, out))
     assert "note:" in again.stdout and "continued" in again.stdout and "from image 4" in again.stdout
-    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert placed(out, tmp_path) == placed(uninterrupted, uninterrupted.parent)
     assert not partial(out).exists()
 
 
@@ -166,7 +166,7 @@ def test_variational_stop_and_continue_is_byte_identical(tmp_path, data):
     ok(score_in(data, out, *VARIATIONAL, "--resume", "--stop-after", 19))  # step 39: shifted fit's snapshot taken
     again = ok(score_in(data, out, *VARIATIONAL))
     assert "from variational step 39 of 40" in " ".join(again.stdout.split())
-    assert out.read_bytes() == whole.read_bytes()
-    assert head(out).read_bytes() == head(whole).read_bytes()
+    assert placed(out, out.parent) == placed(whole, whole.parent)
+    assert placed(head(out), out.parent) == placed(head(whole), whole.parent)
     assert not partial(out).exists()
     one_error_line(score_in(data, out.with_name("x.safetensors"), *VARIATIONAL, "--resume"), "--resume")
