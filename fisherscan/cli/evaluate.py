@@ -19,7 +19,8 @@ _RESIZE_HELP = "resize the input first: WIDTHxHEIGHT (e.g. 1024x512) or a scale 
 def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="run folder written by 'fisherscan tune'"),
     data: List[Path] = typer.Option(..., "--data", help="labelled data set folder; repeat for several"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="base weights, if not where the manifest says"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="base weights (file or Hugging Face folder), if "
+                                                                    "not where the manifest says"),
     crop: int = typer.Option(512, "--crop", help="slide window size (0: whole image)"),
     stride: int = typer.Option(341, "--stride", help="slide window stride"),
     resize: Optional[str] = typer.Option(None, "--resize", help=_RESIZE_HELP),
@@ -79,7 +80,8 @@ def predict(
     out: Path = typer.Option(..., "--out", help="folder for the colour-coded segmentation PNGs"),
     overlay: bool = typer.Option(False, "--overlay", help="also write <name>_overlay.png: colours on the input"),
     alpha: float = typer.Option(0.5, "--alpha", help="weight of the colours in --overlay"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="base weights, if not where the manifest says"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="base weights (file or Hugging Face folder), if "
+                                                                    "not where the manifest says"),
     crop: int = typer.Option(512, "--crop", help="slide window size (0: whole image)"),
     stride: int = typer.Option(341, "--stride", help="slide window stride"),
     resize: Optional[str] = typer.Option(None, "--resize", help=_RESIZE_HELP),

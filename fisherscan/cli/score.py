@@ -28,11 +28,11 @@ def report_scores(result, out: Path) -> None:
 
 @app.command()
 def score(
-    model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; "
-                                                    "?key=value&... passes create_model arguments"),
+    model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), timm:<name> or a cached "
+                                                    "hub id (org/name); ?key=value&... passes create_model arguments"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
     out: Path = typer.Option(Path("scores.safetensors"), "--out", help="scores file to write"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="checkpoint (.pth official or .safetensors)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="checkpoint file or Hugging Face model folder"),
     random_init: bool = typer.Option(False, "--random-init", help="allow an untrained backbone"),
     strict: bool = typer.Option(True, "--strict/--no-strict",
                                 help="checkpoint keys missing or unexpected after conversion are an error"),

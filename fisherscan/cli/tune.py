@@ -19,7 +19,8 @@ def tune(
     model: str = typer.Option(..., "--model", help="the model the scores were computed on"),
     data: Path = typer.Option(..., "--data", help="folder of labelled source images"),
     out: Path = typer.Option(..., "--out", help="run folder to write"),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="the checkpoint file or Hugging Face folder the "
+                                                                    "scores were computed with"),
     random_init: bool = typer.Option(False, "--random-init"),
     strict: bool = typer.Option(True, "--strict/--no-strict",
                                 help="checkpoint keys missing or unexpected after conversion are an error"),
@@ -122,13 +123,15 @@ def mask(
     candidates: str = typer.Option(",".join(CANDIDATE_GROUPS), "--candidates"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    names: str = typer.Option("timm", "--format", help="parameter names of the mask: timm (the scores' own) or hf "
+                                                        "(the transformers checkpoint's: q/k/v split, its prefix)"),
 ) -> None:
     """Write the selection for a budget as a safetensors mask, for use in other trainers."""
     from ..scores.select import write_mask
 
     with user_errors():
         selected, total = write_mask(scores, out, parse_fraction(budget, "--budget"), strategy, score_kind,
-                                     parse_groups(candidates), seed, overwrite)
+                                     parse_groups(candidates), seed, overwrite, names)
         stdout.print(f"{selected:,} of {total:,} backbone elements selected ({selected / max(total, 1):.2%})",
                      markup=False)
         print_paths(("mask", out))

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ..errors import FisherscanError
-from ..io import read_tensors, sha256_of
+from ..io import read_tensors
 from ..models.backbone import build_backbone
+from ..models.checkpoints import weights_sha256
 from ..models.segmenter import Segmenter
 
 
@@ -29,13 +30,14 @@ def load_run(run_dir: Path, weights: Path | None = None, device: str | torch.dev
     except (OSError, ValueError, UnicodeDecodeError):
         raise FisherscanError(f"--checkpoint {run_dir}: manifest.json is missing or damaged; tune the run "
                               "again") from None
-    if weights is not None and not Path(weights).is_file():
-        raise FisherscanError(f"--weights {weights}: no such file; pass the base weights the run was tuned from")
+    if weights is not None and not Path(weights).exists():
+        raise FisherscanError(f"--weights {weights}: no such file or folder; pass the base weights the run was "
+                              "tuned from")
     base = weights if weights is not None else (Path(manifest["weights"]) if manifest.get("weights") and
                                                  manifest["weights"] != "timm-pretrained" else None)
-    if base is not None and not Path(base).is_file():
+    if base is not None and not Path(base).exists():
         raise FisherscanError(f"the run's base weights {base} are missing; pass --weights FILE")
-    if base is not None and manifest.get("weights_sha256") and sha256_of(Path(base)) != manifest["weights_sha256"]:
+    if base is not None and manifest.get("weights_sha256") and weights_sha256(Path(base)) != manifest["weights_sha256"]:
         raise FisherscanError(f"--weights {base}: sha256 differs from the weights the run was tuned from "
                               f"({manifest['weights_sha256'][:12]}...); pass the original file")
     with torch.random.fork_rng(devices=[]):  # an untrained base is rebuilt from the run's seed

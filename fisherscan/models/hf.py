@@ -27,7 +27,7 @@ from timm.layers.mlp import GluMlp
 from torch import nn
 
 from ..errors import FisherscanError
-from .families import FAMILIES, family_of_timm_name
+from .families import FAMILIES
 from .hf_formats import HF_FORMATS, VisionConfig, read_vision_config, to_transformers
 
 INDEX = "model.safetensors.index.json"
@@ -218,13 +218,11 @@ def hub_snapshot(repo_id: str) -> Path:
 # ---- masks under the transformers names -----------------------------------------------------------------------
 
 
-def transformers_names(tensors: dict[str, torch.Tensor], source: dict | None, timm_architecture: str
+def transformers_names(tensors: dict[str, torch.Tensor], family: str, source: dict | None
                        ) -> tuple[dict[str, torch.Tensor], dict]:
     """timm-named backbone tensors under the names of the transformers checkpoint the scores came from (its
     prefix), or of the family's usual transformers model for scores of other files; (tensors, what was used)."""
     source = source or {}
-    family = (source.get("family") if source.get("format") == "transformers" else None) \
-        or family_of_timm_name(timm_architecture).name
     fmt = FAMILIES[family].transformers
     if fmt is None:
         raise FisherscanError(f"--format hf: {FAMILIES[family].label} has no transformers implementation; use "
@@ -232,7 +230,7 @@ def transformers_names(tensors: dict[str, torch.Tensor], source: dict | None, ti
     if source.get("format") == "transformers":
         architecture, prefix = source.get("architecture", fmt.architecture), source.get("prefix", fmt.prefix)
     else:
-        registers = any(name == "reg_token" for name in tensors)
+        registers = "reg_token" in tensors
         architecture = "Dinov2WithRegistersModel" if family == "dinov2" and registers else fmt.architecture
         prefix = fmt.prefix
     return to_transformers(tensors, fmt.layout, prefix), {"architecture": architecture, "prefix": prefix}

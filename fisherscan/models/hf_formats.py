@@ -236,7 +236,7 @@ CONFIG_DEFAULTS = {
     "dinov2": _DINOV2,
     "dinov2_with_registers": {**_DINOV2, "patch_size": 16, "num_register_tokens": 4},
     "clip_vision_model": {**_VIT, "patch_size": 32, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"},
-    "sam_vision_model": {**_COMMON, "patch_size": 16, "image_size": 1024, "mlp_ratio": 4.0, "mlp_dim": None,
+    "sam_vision_model": {**_COMMON, "patch_size": 16, "image_size": 1024, "mlp_ratio": 4.0,
                          "layer_norm_eps": 1e-6, "window_size": 14, "global_attn_indexes": [2, 5, 8, 11],
                          "use_abs_pos": True, "use_rel_pos": True},
     "vit_mae": _VIT,
@@ -292,7 +292,7 @@ def _mlp(model_type: str, c: dict) -> tuple[int, str]:
             return 2 * ((int(hidden * 2 / 3) + 7) // 8 * 8), "swiglu"
         return hidden, c["hidden_act"]
     if model_type == "sam_vision_model":
-        return int(c["mlp_dim"] or c["hidden_size"] * c["mlp_ratio"]), c["hidden_act"]
+        return int(c.get("mlp_dim") or c["hidden_size"] * c["mlp_ratio"]), c["hidden_act"]
     return int(c["intermediate_size"]), c["hidden_act"]
 
 
