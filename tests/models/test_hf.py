@@ -284,6 +284,20 @@ def test_a_bare_model_safetensors_loads(saved, tmp_path):
         build_backbone(f"dinov2_vits14?{SIZE}&img_size=28", weights=alone)
 
 
+def test_the_config_sets_layer_norm_eps_and_the_image_statistics(saved, tmp_path):
+    """Oracle: the folder's config.json (ViT: 1e-12, timm's default 1e-6) and preprocessor_config.json."""
+    folder = tmp_path / "vit"
+    shutil.copytree(saved["vit"][1], folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3],
+                                                                 "image_std": [0.2, 0.25, 0.3]}))
+    model = build_backbone(CASES["vit"][3], weights=folder).model
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 5 and all(m.eps == 1e-12 for m in norms)
+    assert model.pretrained_cfg["mean"] == (0.5, 0.4, 0.3) and model.pretrained_cfg["std"] == (0.2, 0.25, 0.3)
+    assert all(m.eps == 1e-6 for m in build_backbone(CASES["vit"][3], random_init=True).model.modules()
+               if isinstance(m, torch.nn.LayerNorm))
+
+
 def test_weights_sha256_of_a_folder_covers_config_and_shards(saved, tmp_path):
     from fisherscan.models.checkpoints import weights_sha256
 
@@ -430,15 +444,27 @@ def test_a_hub_id_not_in_the_cache_is_one_line(tiny_data, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["dinov2_registers", "clip"])
-def test_score_then_mask_in_transformers_names(case, saved, tiny_data, tmp_path):
-    _, folder = saved[case]
-    scores = tmp_path / "scores.safetensors"
-    ok(invoke(*score_args(CASES[case][3], tiny_data, scores, "--weights", folder)))
+def test_score_tune_eval_and_mask_in_transformers_names(case, saved, tiny_data, tmp_path):
+    """score, tune and eval's rebuild (base weights checked by sha256) from a folder; the scores keep timm's
+    names and the metadata names the source; mask --format hf writes the checkpoint's names."""
+    from fisherscan.eval.runs import load_run
     from fisherscan.scores.file import load_scores
 
+    model, folder = saved[case]
+    spec = CASES[case][3]
+    scores = tmp_path / "scores.safetensors"
+    ok(invoke(*score_args(spec, tiny_data, scores, "--weights", folder)))
     by_kind, metadata = load_scores(scores)
     assert metadata["weights_source"]["format"] == "transformers"
     assert metadata["weights_source"]["path"] == str(folder)
+    own = {n: p.shape for n, p in build_backbone(spec, weights=folder).model.named_parameters()}
+    assert {n: t.shape for n, t in by_kind["drfim"].items()} == own
+    ok(invoke("tune", "--scores", scores, "--model", spec, "--weights", folder, "--data", tiny_data, "--out",
+              tmp_path / "run", "--steps", 1, "--crop", 28, "--batch-size", 2, "--workers", 0, "--device", "cpu"))
+    tuned, manifest = load_run(tmp_path / "run")
+    assert manifest["weights_source"]["architecture"] == type(model).__name__
+    final_norm = {"clip": "vision_model.post_layernorm.weight", "dinov2_registers": "layernorm.weight"}[case]
+    assert torch.equal(tuned.backbone.norm.weight, load_file(str(folder / "model.safetensors"))[final_norm])
     timm_mask, hf_mask = tmp_path / "timm.safetensors", tmp_path / "hf.safetensors"
     ok(invoke("mask", "--scores", scores, "--out", timm_mask, "--budget", "20%"))
     ok(invoke("mask", "--scores", scores, "--out", hf_mask, "--budget", "20%", "--format", "hf"))
