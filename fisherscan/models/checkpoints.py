@@ -117,11 +117,13 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], hf.Source]:
-    """The tensors of a checkpoint file or Hugging Face folder, and where they came from (the transformers layout
-    and its prefix, if the names are in one). A shard index naming tensors its shards lack is an error."""
+def read_weights(path: Path, source: hf.Source | None = None) -> tuple[dict[str, torch.Tensor], hf.Source]:
+    """The tensors of a checkpoint file or Hugging Face folder (``source``: the folder, opened already), and where
+    they came from (the transformers layout and its prefix, if the names are in one). A shard index naming
+    tensors its shards lack is an error."""
     path = Path(path)
-    source = hf.open_folder(path) if path.is_dir() else hf.Source("checkpoint", path, (path,))
+    if source is None:
+        source = hf.open_folder(path) if path.is_dir() else hf.Source("checkpoint", path, (path,))
     state = {}
     for file in source.files:
         state.update(read_state_dict(file))
@@ -137,33 +139,46 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], hf.Source]:
     return state, source
 
 
+def check_source(source: hf.Source, model: nn.Module, family: str, spec: str | None) -> None:
+    """A transformers source's family (its config's, else its names' layout) and its config's sizes must be
+    ``--model``'s: one-line errors naming both (and the ``--model`` that fits)."""
+    wanted, config = spec or family, source.config
+    fmt = FAMILIES[family].transformers
+    held_family = config.family if config is not None else source.layout
+    fits = fmt is not None and (family == held_family if config is not None else fmt.layout.name == source.layout)
+    if not fits:
+        held = config.architecture if config is not None else f"transformers {source.layout} layout"
+        raise FisherscanError(f"--weights {source.path} holds a {held} ({held_family}), but --model {wanted} is "
+                              f"{FAMILIES[family].label}; pass the matching --model")
+    differ = hf.mismatches(config, model) if config is not None else []
+    if differ:
+        suggestion = short_name_for(fmt.timm_spec(config))
+        raise FisherscanError(f"--weights {source.path} holds a {config.architecture} that --model {wanted} does "
+                              f"not match ({', '.join(differ)}: config/model); pass --model {suggestion}")
+
+
 def from_transformers(state: dict[str, torch.Tensor], source: hf.Source, model: nn.Module, family: str,
                       spec: str | None) -> dict[str, torch.Tensor]:
-    """A transformers state dict in timm's names, after checking its family and config against the built model
-    (one-line errors naming both); the config's LayerNorm eps and image statistics are applied to the model."""
-    wanted = spec or family
-    layout = FAMILIES[family].transformers.layout if FAMILIES[family].transformers is not None else None
-    config = source.config
-    if layout is None or layout.name != source.layout or (config is not None and config.family != family):
-        held = config.architecture if config is not None else f"transformers {source.layout} layout"
-        raise FisherscanError(f"--weights {source.path} holds a {held} ({config.family if config else source.layout}"
-                              f"), but --model {wanted} is {FAMILIES[family].label}; pass the matching --model")
-    if config is not None:
-        differ = hf.mismatches(config, model)
-        if differ:
-            suggestion = short_name_for(FAMILIES[family].transformers.timm_spec(config))
-            raise FisherscanError(f"--weights {source.path} holds a {config.architecture} that --model {wanted} does "
-                                  f"not match ({', '.join(differ)}: config/model); pass --model {suggestion}")
-        hf.adapt_to_config(model, config, source.folder)
+    """A transformers state dict in timm's names (``check_source`` first); the config's LayerNorm eps and image
+    statistics are applied to the model."""
+    check_source(source, model, family, spec)
+    if source.config is not None:
+        hf.adapt_to_config(model, source.config, source.folder)
     prefix = source.prefix
-    return to_timm({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, layout)
+    return to_timm({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                   FAMILIES[family].transformers.layout)
 
 
 def load_weights(model: nn.Module, path: Path, strict: bool = True, family: str = "vit",
                  spec: str | None = None) -> dict:
     """Load a checkpoint file or Hugging Face folder into ``model``; unexpected or missing keys are a one-line
-    error. Returns where the weights came from (``hf.Source.record``, for the metadata)."""
-    state, source = read_weights(path)
+    error. Returns where the weights came from (``hf.Source.record``, for the metadata). A folder's config is
+    checked against ``model`` before any weights are read."""
+    folder = hf.open_folder(path) if Path(path).is_dir() else None
+    if folder is not None and folder.config is not None:
+        check_source(replace(folder, layout=FAMILIES[folder.config.family].transformers.layout.name), model,
+                     family, spec)
+    state, source = read_weights(path, folder)
     if source.format == "transformers":
         state = from_transformers(state, source, model, family, spec)
     elif source.format == "timm":

@@ -369,11 +369,18 @@ def test_an_index_naming_tensors_no_shard_holds_is_an_error(saved, tmp_path):
         build_backbone(CASES["dinov2"][3], weights=folder)
 
 
-def test_a_mismatch_with_model_names_both(saved, tiny_data, tmp_path):
+def test_a_mismatch_with_model_names_both(saved, tiny_data, tmp_path, monkeypatch):
+    """Checked before any weights are read (for a folder: from its config.json)."""
+    from fisherscan.models import checkpoints
+
+    reads = []
+    real_read = checkpoints.read_state_dict
+    monkeypatch.setattr(checkpoints, "read_state_dict", lambda path: reads.append(path) or real_read(path))
     _, folder = saved["dinov2"]
     result = invoke(*score_args("dinov2_vits14", tiny_data, tmp_path / "s.safetensors", "--weights", folder))
     line = one_error_line(result, "Dinov2Model", "dinov2_vits14", "hidden 32/384", "layers 2/12")
     assert "timm:vit_small_patch14_dinov2?embed_dim=32" in line  # the --model that fits
+    assert reads == []
     _, clip = saved["clip"]
     result = invoke(*score_args(CASES["dinov2"][3], tiny_data, tmp_path / "t.safetensors", "--weights", clip))
     one_error_line(result, "CLIPModel", "clip", "dinov2_vits14", "DINOv2")
