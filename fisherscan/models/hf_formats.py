@@ -49,7 +49,6 @@ class Layout:
     drop: tuple[str, ...] = ()
     forward: Callable[[dict], dict] = _identity
     backward: Callable[[dict], dict] = _identity
-    families: tuple[str, ...] = ()
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -94,8 +93,9 @@ def to_timm(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.T
 
 
 def to_transformers(tensors: dict[str, torch.Tensor], layout: Layout, prefix: str = "") -> dict[str, torch.Tensor]:
-    """timm-named tensors of the backbone (scores, masks) under the transformers names: ``attn.qkv`` split into
-    the q, k and v projections; names no rule knows are kept."""
+    """timm-named masks of the backbone under the transformers names: ``attn.qkv`` split into the q, k and v
+    projections (a register model's class-token position row takes ``cls_token``'s mask); names no rule knows
+    are kept."""
     module, letters, fused = layout.qkv or ("", (), "")
     out = {}
     for name, tensor in layout.backward(dict(tensors)).items():
@@ -153,7 +153,7 @@ DINOV2 = Layout(
              (_BLOCK + "mlp.weights_in.", "blocks.{n}.mlp.w12."), (_BLOCK + "mlp.weights_out.", "blocks.{n}.mlp.w3."),
              (_BLOCK, "blocks.{n}."), ("layernorm.", "norm.")),
     qkv=(_BLOCK + "attention.attention.{qkv}", ("query", "key", "value"), "blocks.{n}.attn.qkv."),
-    drop=(r"^embeddings\.mask_token$",), forward=_dinov2_forward, backward=_dinov2_backward, families=("dinov2",))
+    drop=(r"^embeddings\.mask_token$",), forward=_dinov2_forward, backward=_dinov2_backward)
 
 # ---- ViTModel and ViTMAEModel (one layout; ViTMAEForPreTraining's decoder lies outside its ``vit.`` prefix) --
 
@@ -166,7 +166,7 @@ VIT = Layout(
              (_BLOCK + "intermediate.dense.", "blocks.{n}.mlp.fc1."), (_BLOCK + "output.dense.", "blocks.{n}.mlp.fc2."),
              ("layernorm.", "norm.")),
     qkv=(_BLOCK + "attention.attention.{qkv}", ("query", "key", "value"), "blocks.{n}.attn.qkv."),
-    drop=(r"^pooler\.", r"^embeddings\.mask_token$"), families=("vit", "mae"))
+    drop=(r"^pooler\.", r"^embeddings\.mask_token$"))
 
 # ---- CLIP: CLIPVisionModel, CLIPModel's vision_model ---------------------------------------------------------
 
@@ -197,7 +197,7 @@ CLIP = Layout(
              (_LAYER + "layer_norm1.", "blocks.{n}.norm1."), (_LAYER + "layer_norm2.", "blocks.{n}.norm2."),
              (_LAYER + "mlp.", "blocks.{n}.mlp.")),
     qkv=(_LAYER + "self_attn.{qkv}_proj", ("q", "k", "v"), "blocks.{n}.attn.qkv."),
-    drop=(r"^embeddings\.position_ids$",), forward=_clip_forward, backward=_clip_backward, families=("clip",))
+    drop=(r"^embeddings\.position_ids$",), forward=_clip_forward, backward=_clip_backward)
 
 # ---- SAM: SamModel's vision_encoder (the neck is not built) -------------------------------------------------
 
@@ -207,7 +207,7 @@ SAM = Layout(
              ("layers.{n}.layer_norm1.", "blocks.{n}.norm1."), ("layers.{n}.layer_norm2.", "blocks.{n}.norm2."),
              ("layers.{n}.mlp.lin1.", "blocks.{n}.mlp.fc1."), ("layers.{n}.mlp.lin2.", "blocks.{n}.mlp.fc2."),
              ("layers.{n}.", "blocks.{n}.")),  # attn.qkv (fused, as timm's), attn.proj, attn.rel_pos_h/w
-    drop=(r"^neck\.",), families=("sam",))
+    drop=(r"^neck\.",))
 
 LAYOUTS = {layout.name: layout for layout in (SAM, CLIP, DINOV2, VIT)}  # detection order: most specific first
 

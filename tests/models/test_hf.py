@@ -438,6 +438,8 @@ def test_a_timm_hub_id_loads_from_the_cache(tmp_path, monkeypatch):
     backbone = build_backbone("timm/vit_small_patch14_dinov2.lvd142m")
     assert all(torch.equal(backbone.model.state_dict()[k], v) for k, v in state.items())
     assert backbone.source["format"] == "timm" and backbone.timm_name == "vit_small_patch14_dinov2.lvd142m"
+    with pytest.raises(FisherscanError, match="timm's vit_small_patch14_dinov2, but --model dinov2_vits14_reg"):
+        build_backbone(f"dinov2_vits14_reg?{SIZE}&img_size=28", weights=Path(backbone.weights))
 
 
 def test_a_hub_id_not_in_the_cache_is_one_line(tiny_data, tmp_path, monkeypatch):
