@@ -15,7 +15,7 @@ _LAYOUT_HELP = ("auto|gta5|cityscapes|bdd100k|mapillary|acdc|generic; once for a
                 "the run's --eval-layout for its folders, else auto)")
 _RESIZE_HELP = "resize the input first: WIDTHxHEIGHT (e.g. 1024x512) or a scale factor (e.g. 0.5)"
 _CHECKPOINT_HELP = "run folder written by 'fisherscan tune'"
-_WEIGHTS_HELP = "base weights, if not where the manifest says"
+_WEIGHTS_HELP = "base weights (file or Hugging Face folder), if not where the manifest says"
 _CROP_HELP = "slide window size (0: whole image; default: the run's --eval-crop, else its --crop)"
 _STRIDE_HELP = "slide window stride (default: the run's --eval-stride, else 2/3 of the window)"
 MODEL, DATA, INFERENCE, RUN, OUTPUT = "Model", "Data", "Inference", "Run control", "Output"

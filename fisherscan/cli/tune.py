@@ -71,13 +71,15 @@ def mask(
                                    help=field_help(TuneConfig, "candidates")),
     seed: int = typer.Option(0, "--seed", help="seed of the random strategies"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+    names: str = typer.Option("timm", "--format", help="parameter names of the mask: timm (the scores' own) or hf "
+                                                        "(the transformers checkpoint's: q/k/v split, its prefix)"),
 ) -> None:
     """Write the selection for a budget as a safetensors mask, for use in other trainers."""
     from ..scores.select import write_mask
 
     with user_errors():
         selected, total = write_mask(scores, out, parse_fraction(budget, "--budget"), strategy, score_kind,
-                                     parse_groups(candidates), seed, overwrite)
+                                     parse_groups(candidates), seed, overwrite, names)
         stdout.print(f"{selected:,} of {total:,} backbone elements selected ({selected / max(total, 1):.2%})",
                      markup=False)
         print_paths(("mask", out))

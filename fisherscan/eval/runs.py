@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import FisherscanError
-from ..io import read_tensors, recorded_base, resolve_recorded, sha256_of
+from ..io import read_tensors, recorded_base, resolve_recorded
 from ..models.backbone import build_backbone
+from ..models.checkpoints import weights_sha256
 from ..models.segmenter import Segmenter
 
 
@@ -67,14 +68,15 @@ def recorded_window(manifest: dict) -> tuple[int, int]:
 
 def base_weights(run_dir: Path, manifest: dict, weights: Path | None) -> Path | None:
     """The base weights to rebuild the run on: ``weights`` when given, else the manifest's (checked by sha256)."""
-    if weights is not None and not Path(weights).is_file():
-        raise FisherscanError(f"--weights {weights}: no such file; pass the base weights the run was tuned from")
+    if weights is not None and not Path(weights).exists():
+        raise FisherscanError(f"--weights {weights}: no such file or folder; pass the base weights the run was "
+                              "tuned from")
     recorded = manifest.get("weights")
     base = weights if weights is not None else (resolve_recorded(recorded, _base(run_dir, manifest))
                                                 if recorded and recorded != "timm-pretrained" else None)
-    if base is not None and not Path(base).is_file():
+    if base is not None and not Path(base).exists():
         raise FisherscanError(f"the run's base weights {base} are missing; pass --weights FILE")
-    if base is not None and manifest.get("weights_sha256") and sha256_of(Path(base)) != manifest["weights_sha256"]:
+    if base is not None and manifest.get("weights_sha256") and weights_sha256(Path(base)) != manifest["weights_sha256"]:
         raise FisherscanError(f"--weights {base}: sha256 differs from the weights the run was tuned from "
                               f"({manifest['weights_sha256'][:12]}...); pass the original file")
     return base

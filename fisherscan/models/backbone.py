@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -19,8 +19,7 @@ from timm.layers import weight_init
 from torch import nn
 
 from ..errors import FisherscanError
-from ..io import sha256_of
-from .checkpoints import load_weights, resolve_weights
+from .checkpoints import load_weights, resolve_weights, weights_sha256
 from .families import FAMILIES, ModelEntry
 from .groups import candidate_count
 from .registry import REGISTRY, family_of, hub_checkpoint_dir, timm_kwargs_of, timm_name_of
@@ -104,7 +103,8 @@ def registry_rows(counts: bool = False) -> list[RegistryRow]:
 
 @dataclass
 class Backbone:
-    """A loaded backbone and what the scores metadata needs to know about where it came from."""
+    """A loaded backbone and what the scores metadata needs to know about where it came from (``source``: the
+    format, path and files of the weights, ``hf.Source.record``)."""
 
     model: nn.Module
     spec: str
@@ -112,6 +112,7 @@ class Backbone:
     weights: str | None
     weights_sha256: str | None
     random_init: bool
+    source: dict = field(default_factory=dict)
 
     @property
     def patch_size(self) -> int:
@@ -121,8 +122,10 @@ class Backbone:
 
 def build_backbone(spec: str, *, weights: Path | None = None, random_init: bool = False,
                    strict: bool = True) -> Backbone:
-    """Build the backbone for ``spec`` and load its weights (``--weights``, hub cache, or timm's own)."""
+    """Build the backbone for ``spec`` and load its weights (``--weights`` file or Hugging Face folder, the torch
+    hub cache, a hub id's snapshot in the Hugging Face cache, or timm's own)."""
     path = resolve_weights(spec, weights, random_init)
+    source = {"format": "timm-pretrained" if path is None and not random_init else "none"}
     use_timm_pretrained = path is None and not random_init
     if use_timm_pretrained:
         timm_name_of(spec)  # an unknown name is the user's mistake, not a download failure
@@ -138,7 +141,7 @@ def build_backbone(spec: str, *, weights: Path | None = None, random_init: bool 
     else:
         model = create_architecture(spec)
         if path is not None:
-            load_weights(model, path, strict=strict, family=family_of(spec))
+            source = load_weights(model, path, strict=strict, family=family_of(spec), spec=spec)
     for attribute in ("patch_embed", "blocks", "embed_dim"):
         if not hasattr(model, attribute):
             raise FisherscanError(f"--model {spec}: not a ViT with patch tokens (no {attribute}); use a ViT backbone")
@@ -147,6 +150,7 @@ def build_backbone(spec: str, *, weights: Path | None = None, random_init: bool 
         spec=spec,
         timm_name=timm_name_of(spec),
         weights=str(path) if path is not None else ("timm-pretrained" if use_timm_pretrained else None),
-        weights_sha256=sha256_of(path) if path is not None else None,
+        weights_sha256=weights_sha256(path) if path is not None else None,
         random_init=random_init and path is None,
+        source=source,
     )

@@ -2,9 +2,10 @@
 checkpoints convert, what the architecture needs adapted, and what the Fisher engine reads about it.
 
 Adding a family is one ``Family`` record here plus, where timm's own checkpoint filter does not cover the official
-file, its ``convert`` function. Everything else reads the record: the registry of short names
-(``fisherscan.models.registry``), checkpoint loading (``checkpoints``), the architecture (``backbone``), and the
-hook engine (``fisherscan.fisher.engine``: ``token_layout`` and ``attention_rule``).
+file, its ``convert`` function, and where transformers implements it, its ``HFFormat`` (``hf_formats``).
+Everything else reads the record: the registry of short names (``fisherscan.models.registry``), checkpoint loading
+(``checkpoints``, ``hf``), the architecture (``backbone``), and the hook engine (``fisherscan.fisher.engine``:
+``token_layout`` and ``attention_rule``).
 
 Per family (``docs/method.md``, "Checkpoints"):
 - SAM's encoder ends at its last block (the ``neck`` is not built; decoders read block tokens, as ViTDet/Rein-style
@@ -27,6 +28,8 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import nn
+
+from .hf_formats import HF_FORMATS, HFFormat
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Family:
     (B, h, w, C) output (SAM). ``attention_rule``: the per-image rule (``fisherscan.fisher.rules.FAMILY_RULES``)
     its attention module needs for parameters of its own, by attention class. ``convert`` cleans an official
     state dict before timm's filter; ``adapt(model, pretrained)`` changes the built architecture in place.
+    ``transformers``: the family's Hugging Face transformers format (``hf_formats``: names, converter, the timm
+    spec of a config), None where transformers has no implementation.
     """
 
     name: str
@@ -73,6 +78,7 @@ class Family:
     convert: Callable[[dict], dict] = _keep
     adapt: Callable[[nn.Module, bool], None] = _unchanged
     checkpoints: tuple[ModelEntry, ...] = ()
+    transformers: HFFormat | None = None
 
 
 def mae_sincos_table(dim: int, grid: int) -> torch.Tensor:
@@ -145,12 +151,14 @@ _SIZES = (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("sam", "SAM", lambda arch, tag: arch.startswith("samvit"), architecture=VisionTransformerSAM,
            token_layout="grid", attention_rule={SamAttention: "sam_rel_pos"}, adapt=_no_neck,
-           checkpoints=(_sam("b", "base", "01ec64"), _sam("l", "large", "0b3195"), _sam("h", "huge", "4b8939"))),
+           checkpoints=(_sam("b", "base", "01ec64"), _sam("l", "large", "0b3195"), _sam("h", "huge", "4b8939")),
+           transformers=HF_FORMATS["sam"]),
     Family("mae", "MAE", lambda arch, tag: tag.startswith("mae"), convert=_drop_mae_decoder,
            adapt=_fixed_position_table,
            checkpoints=(_mae("mae_vitb16", "vit_base_patch16_224", "base"),
                         _mae("mae_vitl16", "vit_large_patch16_224", "large"),
-                        _mae("mae_vith14", "vit_huge_patch14_224", "huge"))),
+                        _mae("mae_vith14", "vit_huge_patch14_224", "huge")),
+           transformers=HF_FORMATS["mae"]),
     Family("eva02", "EVA02 (MIM)", lambda arch, tag: arch.startswith("eva02"), architecture=Eva,
            attention_rule={EvaAttention: "eva_qkv_bias"},
            checkpoints=(ModelEntry("eva02_vitl14", "eva02_large_patch14_224.mim_m38m", "eva02_L_pt_m38m_p14.pt",
@@ -159,11 +167,13 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("clip", "CLIP (OpenAI)", lambda arch, tag: "clip" in arch,
            checkpoints=(ModelEntry("clip_vitl14", "vit_large_patch14_clip_quickgelu_224.openai", "ViT-L-14.pt",
                                    "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cd"
-                                   "b84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt", "clip"),)),
+                                   "b84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt", "clip"),),
+           transformers=HF_FORMATS["clip"]),
     Family("dinov2", "DINOv2", lambda arch, tag: "dinov2" in arch,
            checkpoints=tuple(entry for size, timm_size in _SIZES
-                             for entry in (_dinov2(size, timm_size, False), _dinov2(size, timm_size, True)))),
-    Family("vit", "ViT (timm)", lambda arch, tag: True),
+                             for entry in (_dinov2(size, timm_size, False), _dinov2(size, timm_size, True))),
+           transformers=HF_FORMATS["dinov2"]),
+    Family("vit", "ViT (timm)", lambda arch, tag: True, transformers=HF_FORMATS["vit"]),
 )}
 
 # the registry's order: DINOv2 first, as ``fisherscan models`` lists them

@@ -39,12 +39,14 @@ def option(default=dataclasses.MISSING, help: str = "", panel: str = "run contro
 
 @dataclass(kw_only=True)
 class RunConfig:
-    model: str = option(help="a short name (see 'fisherscan models'), or timm:<name>; ?key=value&... passes "
-                             "timm.create_model arguments", panel="model")
+    model: str = option(help="a short name (see 'fisherscan models'), timm:<name>, or a Hugging Face hub id in the "
+                             "local cache (facebook/dinov2-large); ?key=value&... passes timm.create_model arguments",
+                        panel="model")
     data: Path = option(help="folder of labelled source images (a layout of docs/method.md)", panel="data")
     out: Path = option(help="where to write the result", panel="output")
-    weights: Path | None = option(None, "checkpoint file: the official one (.pth/.pt) or timm's .safetensors; default "
-                                        "the torch hub cache", "model")
+    weights: Path | None = option(None, "checkpoint file (the official .pth/.pt, timm's or transformers' .safetensors) "
+                                        "or Hugging Face model folder (config.json + model.safetensors); default the "
+                                        "torch hub cache, for a hub id the Hugging Face cache", "model")
     random_init: bool = option(False, "allow an untrained backbone (no weights)", "model")
     strict: bool = option(True, "checkpoint keys missing or unexpected after conversion are an error", "model",
                           flag="--strict/--no-strict")

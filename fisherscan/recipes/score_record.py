@@ -89,6 +89,7 @@ def score_metadata(run, extra: dict, terms: dict, warmup: dict) -> dict:
         "timm_architecture": backbone.timm_name,
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
+        "weights_source": backbone.source,
         "random_init": backbone.random_init,
         "estimator": config.estimator,
         "images": extra["images"],

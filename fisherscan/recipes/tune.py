@@ -246,8 +246,8 @@ def tune_manifest(run: TuneRun, selection: Selection, sources: dict | None = Non
     return {
         "fisherscan_version": __version__, "kind": "tune-run",
         "model": config.model, "timm_architecture": backbone.timm_name, "weights": backbone.weights,
-        "weights_sha256": backbone.weights_sha256, "random_init": backbone.random_init,
-        "scores": str(config.scores), "scores_model": run.score_meta.get("model"),
+        "weights_sha256": backbone.weights_sha256, "weights_source": backbone.source,
+        "random_init": backbone.random_init, "scores": str(config.scores), "scores_model": run.score_meta.get("model"),
         "data": {"path": str(config.data), "layout": run.layout, "split": config.split,
                  "images": len(run.dataset)},
         "skipped_pairs": run.skipped,

@@ -24,7 +24,10 @@ import torch
 
 from ..errors import FisherscanError
 from ..io import write_tensors
+from ..models.families import family_of_timm_name
 from ..models.groups import CANDIDATE_GROUPS, GROUPS, candidate_mask, parameter_groups
+from ..models.hf import transformers_names
+from ..models.registry import family_of
 from .file import load_scores
 
 STRATEGIES = ("scores", "full", "freeze", "random", "random-q", "random-k", "random-v", "fim", "delta", "drfim")
@@ -107,10 +110,28 @@ def select_mask(scores: dict[str, dict[str, torch.Tensor]], count: int, candidat
     return mask_from_order(names, shapes, order, count)
 
 
+MASK_FORMATS = ("timm", "hf")
+
+
+def scores_family(metadata: dict) -> str:
+    """The backbone family of a scores file: its transformers source's, else its timm architecture's, else its
+    model spec's."""
+    source = metadata.get("weights_source") or {}
+    if source.get("format") == "transformers" and source.get("family"):
+        return source["family"]
+    if metadata.get("timm_architecture"):
+        return family_of_timm_name(metadata["timm_architecture"]).name
+    return family_of(str(metadata.get("model")))
+
+
 def write_mask(scores_path: Path, out: Path, budget: float, strategy: str, score_kind: str,
-               candidates: tuple[str, ...], seed: int, overwrite: bool) -> tuple[int, int]:
-    """``fisherscan mask``: the selection of ``budget`` x all backbone elements as uint8 tensors ``mask/<param>``."""
+               candidates: tuple[str, ...], seed: int, overwrite: bool, names: str = "timm") -> tuple[int, int]:
+    """``fisherscan mask``: the selection of ``budget`` x all backbone elements as uint8 tensors ``mask/<param>``,
+    under timm's parameter names (the scores' own) or, ``names="hf"``, under the names of the transformers
+    checkpoint the scores came from (``fisherscan.models.hf.transformers_names``: q/k/v split, the prefix kept)."""
     out = Path(out)
+    if names not in MASK_FORMATS:
+        raise FisherscanError(f"--format {names}: use one of {', '.join(MASK_FORMATS)}")
     if out.exists() and not overwrite:
         raise FisherscanError(f"--out {out} exists; pass --overwrite to replace it")
     if not str(out).endswith(".safetensors"):
@@ -121,14 +142,17 @@ def write_mask(scores_path: Path, out: Path, budget: float, strategy: str, score
                               f"{', '.join(GROUPS)}, strategies {', '.join(STRATEGIES)}")
     scores, metadata = load_scores(scores_path)
     try:
-        names, order = selection_order(scores, strategy, candidates, seed, score_kind)
+        order_names, order = selection_order(scores, strategy, candidates, seed, score_kind)
     except ValueError as error:
         raise FisherscanError(f"--score-kind {score_kind}: {error}") from None
     shapes = {n: t.shape for n, t in next(iter(scores.values())).items()}
     total = sum(math.prod(s) for s in shapes.values())
     count = order.numel() if strategy == "full" else min(order.numel(), math.floor(budget * total))
-    masks = mask_from_order(names, shapes, order, count)
+    masks = {n: m.to(torch.uint8) for n, m in mask_from_order(order_names, shapes, order, count).items()}
     info = {"scores": str(scores_path), "model": metadata.get("model"), "budget": budget, "strategy": strategy,
-            "score_kind": score_kind, "candidates": list(candidates), "seed": seed, "selected": count, "total": total}
-    write_tensors(out, {f"mask/{n}": m.to(torch.uint8) for n, m in masks.items()}, "mask", info)
+            "score_kind": score_kind, "candidates": list(candidates), "seed": seed, "selected": count, "total": total,
+            "names": names}
+    if names == "hf":
+        masks, info["transformers"] = transformers_names(masks, scores_family(metadata), metadata.get("weights_source"))
+    write_tensors(out, {f"mask/{n}": m for n, m in masks.items()}, "mask", info)
     return count, total
