@@ -13,7 +13,8 @@ pixel space (the input is un-normalised with the backbone's mean and std first, 
     haze        x <- (1 - h) x + h g, h ~ U(0, haze), g a light grey
                 then clipped to [0, 1]
 
-``strength`` scales every change's range (1: the ranges above). The change of the patch-token statistics it causes
+``strength`` m scales every change's range (1: the ranges above; the contrast factor is raised to the power m, so it
+stays positive). The change of the patch-token statistics it causes
 at the first Eq. 6 site (``statistics_change``) sets the shift weight exp(-s), as for Eq. 6.
 """
 
@@ -44,7 +45,7 @@ class PixelShift:
         """One image's draws (``DRAWS`` values) from its own generator."""
         u = torch.rand(DRAWS, generator=generator, dtype=torch.float64)
         m = self.strength
-        contrast = 1.0 - m * (1.0 - (self.contrast_low + (1.1 - self.contrast_low) * u[0]))
+        contrast = (self.contrast_low + (1.1 - self.contrast_low) * u[0]) ** m  # in log space: stays positive
         brightness = m * self.brightness * (2 * u[1] - 1)
         tints = 1.0 + m * self.tint * (2 * u[2:5] - 1)
         haze = min(m * self.haze * u[5], 0.95)

@@ -32,7 +32,6 @@ from ..runtime import step_done
 from . import distributed
 from .config import ScoreConfig
 from .distributed import Ranks
-from .shifts import Prepared
 
 
 @dataclass
@@ -108,46 +107,59 @@ def all_finite(sums: dict[str, torch.Tensor]) -> bool:
     return bool(torch.stack([v.isfinite().all() for v in sums.values()]).all())
 
 
-def squares(engine, x, y, indices, config: ScoreConfig, autocast_dtype, hook=None, draws=None) -> dict:
-    """sum_i of each image's squared gradient, averaged over ``label_draws`` label draws (Eq. 9)."""
-    total = None
-    for draw in range(config.label_draws):
-        sums = engine.squared_gradient_sum(x, y, label_uniforms(config, y, indices, draw), ignore_index=IGNORE_INDEX,
-                                           shift=hook, shift_eps=draws, autocast_dtype=autocast_dtype)
-        total = sums if total is None else {n: total[n] + sums[n] for n in total}
-    if config.label_draws > 1:
-        total = {n: v / config.label_draws for n, v in total.items()}
-    return total
+def squares(engine, x, y, indices, config: ScoreConfig, autocast_dtype, draw: int, hook=None, draws=None) -> dict:
+    """sum_i of each image's squared gradient (Eq. 9) for label draw ``draw``."""
+    return engine.squared_gradient_sum(x, y, label_uniforms(config, y, indices, draw), ignore_index=IGNORE_INDEX,
+                                       shift=hook, shift_eps=draws, autocast_dtype=autocast_dtype)
+
+
+def accumulate(total: dict | None, sums: dict) -> dict:
+    return sums if total is None else {n: total[n] + sums[n] for n in total}
 
 
 def score_batch(engine, state: ScoringState, x: torch.Tensor, y: torch.Tensor, indices: list[int],
-                prepared: Prepared, y_shift: torch.Tensor, config: ScoreConfig,
-                autocast_dtype: torch.dtype | None) -> bool:
-    """F(x) and F(x') (Eq. 9) of one batch (part) into ``state``, each image into its replicate.
+                prepare, y_shift: torch.Tensor, config: ScoreConfig, autocast_dtype: torch.dtype | None) -> bool:
+    """F(x) and F(x') (Eq. 9) of one batch (part) into ``state``, each image into its replicate: for each of the
+    ``label_draws`` draws, ``prepare(draw)`` gives the shifted pass's input (a shift draw of its own), and both
+    passes use that draw's label uniforms; the squares are averaged over the draws.
 
-    Returns False, and adds nothing, when any squared-gradient sum (or the shift) is not finite.
+    Returns False, and adds nothing, when any squared-gradient sum (or the shift) is not finite; every draw's shift
+    is still prepared then (its statistics are a collective on every rank).
     """
-    if not bool(prepared.magnitudes.isfinite().all()):
-        return False
-    replicates = len(state.parts)
-    results = []
-    for part in range(replicates):
-        rows = [j for j, i in enumerate(indices) if i % replicates == part]
-        if not rows:
+    replicates, draws = len(state.parts), config.label_draws
+    rows = [[j for j, i in enumerate(indices) if i % replicates == part] for part in range(replicates)]
+    totals = [[None, None, 0.0] for _ in range(replicates)]
+    finite = True
+    for draw in range(draws):
+        prepared = prepare(draw)
+        finite = finite and bool(prepared.magnitudes.isfinite().all())
+        if not finite:
             continue
-        pick = (lambda t: t) if replicates == 1 else (lambda t, rows=rows: t[torch.tensor(rows, device=t.device)])
-        own = [indices[j] for j in rows]
-        clean = squares(engine, pick(x), pick(y), own, config, autocast_dtype)
-        if not all_finite(clean):
-            return False
-        draws = None if prepared.draws is None else tuple(pick(d) for d in prepared.draws)
-        shifted = squares(engine, pick(prepared.x), pick(y_shift), own, config, autocast_dtype, prepared.hook,
-                          draws)
-        if not all_finite(shifted):
-            return False
-        results.append((part, clean, shifted, len(rows), float(pick(prepared.magnitudes).sum())))
-    for part, clean, shifted, images, magnitude in results:
-        state.parts[part].add(clean, shifted, images, magnitude)
+        for part, own_rows in enumerate(rows):
+            if not own_rows:
+                continue
+            pick = (lambda t: t) if replicates == 1 else \
+                (lambda t, r=own_rows: t[torch.tensor(r, device=t.device)])
+            own = [indices[j] for j in own_rows]
+            clean = squares(engine, pick(x), pick(y), own, config, autocast_dtype, draw)
+            shift_draws = None if prepared.draws is None else tuple(pick(d) for d in prepared.draws)
+            shifted = squares(engine, pick(prepared.x), pick(y_shift), own, config, autocast_dtype, draw,
+                              prepared.hook, shift_draws)
+            finite = all_finite(clean) and all_finite(shifted)
+            if not finite:
+                break
+            total = totals[part]
+            total[0], total[1] = accumulate(total[0], clean), accumulate(total[1], shifted)
+            total[2] += float(pick(prepared.magnitudes).sum())
+    if not finite:
+        return False
+    for part, own_rows in enumerate(rows):
+        clean, shifted, magnitude = totals[part]
+        if own_rows:
+            if draws > 1:
+                clean, shifted = {n: v / draws for n, v in clean.items()}, {n: v / draws for n, v in shifted.items()}
+                magnitude /= draws
+            state.parts[part].add(clean, shifted, len(own_rows), magnitude)
     return True
 
 
@@ -174,15 +186,16 @@ def _count_bad(state: ScoringState, first: int, last: int, batches_total: int, c
                               "weights, the data and --warmup-lr")
 
 
-def _score_part(engine, shift, state, batch, part, config, autocast_dtype) -> bool:
-    """Prepare the shift (every rank, every batch: Eq. 6's global spread), then score this rank's part."""
+def _score_part(engine, shift, state, batch, config, autocast_dtype) -> bool:
+    """Score this rank's part; the shift is prepared once per draw on every rank (Eq. 6's global spread)."""
     if batch is None:
-        shift.prepare_empty()
+        for _ in range(config.label_draws):
+            shift.prepare_empty()
         return True
     x, y, indices = batch[0], batch[1], [int(i) for i in batch[2]]
     x_other, y_shift = (batch[3], batch[4]) if len(batch) > 3 else (None, y)
-    prepared = shift.prepare(x, indices, x_other)
-    return score_batch(engine, state, x, y, indices, prepared, y_shift, config, autocast_dtype)
+    return score_batch(engine, state, x, y, indices, lambda draw: shift.prepare(x, indices, x_other, draw), y_shift,
+                       config, autocast_dtype)
 
 
 def run_diagonal(segmenter: Segmenter, engine, shift, dataset, config: ScoreConfig, device: torch.device,
@@ -208,9 +221,9 @@ def run_diagonal(segmenter: Segmenter, engine, shift, dataset, config: ScoreConf
     extra = {"batches_total": batches_total, "stopped": False}
     for g, part in enumerate(parts, first):
         batch, error = _next_part(batches, part, device)
-        if error is not None:
-            shift.prepare_empty()  # the other ranks are in this batch's collectives: take part, then stop with them
-        ok = error is not None or _score_part(engine, shift, state, batch, part, config, autocast_dtype)
+        if error is not None:  # the other ranks are in this batch's collectives: take part, then stop with them
+            _score_part(engine, shift, state, None, config, autocast_dtype)
+        ok = error is not None or _score_part(engine, shift, state, batch, config, autocast_dtype)
         bad, error = distributed.agree(ranks, device, not ok, error)
         if error is not None:
             raise FisherscanError(error)

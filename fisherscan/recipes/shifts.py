@@ -1,10 +1,11 @@
 """The simulated or real unseen domain of F(x'), batch by batch: Eq. 6 at one or several blocks, a pixel-space
 change of each image, or real images of another style (``--shift eq6|pixel``, ``--shift-data``).
 
-Each family's ``prepare(x, indices, x_other)`` returns what the shifted pass needs: its input, the hook to run it
-under (Eq. 6's ``TokenShift``) with each image's draws, and each image's shift magnitude s (the weight of the domain
-term is exp(-s), ``docs/method.md``). Every draw is keyed on (seed, image index[, site]), so the batch size and the
-number of ranks do not matter -- except Eq. 6's batch spread (``--spread batch``, as DSU), which is the global
+Each family's ``prepare(x, indices, x_other, draw)`` returns what the shifted pass needs: its input, the hook to run
+it under (Eq. 6's ``TokenShift``) with each image's draws, and each image's shift magnitude s (the weight of the
+domain term is exp(-s), ``docs/method.md``). Every draw is keyed on (seed, image index[, site], draw), so the batch
+size and the number of ranks do not matter; with ``--label-draws K`` each of the K label draws has a shift draw of
+its own (draw 0 is a single-draw run's) -- except Eq. 6's batch spread (``--spread batch``, as DSU), which is the global
 batch's under torchrun (one small all-reduce per site and batch; ``prepare_empty`` takes part on a rank without
 images). ``--spread pool`` fixes the spread once from a pool of images instead.
 """
@@ -23,6 +24,11 @@ from ..rng import keyed_generator
 from . import distributed
 from .config import ScoreConfig
 from .distributed import Ranks
+
+
+def key(draw: int, site: int) -> int:
+    """The ``visit`` key of a shift draw: site k of draw d (draw 0 keys exactly as a single-draw run)."""
+    return draw * 1000 + site
 
 
 @dataclass
@@ -51,17 +57,17 @@ class Eq6Shift:
         self.pool = pool
         self.channels = segmenter.backbone.embed_dim
 
-    def draws(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Each image's eps per site, keyed on (seed, image, site); with one always-applied site exactly the
+    def draws(self, indices: list[int], device: torch.device, draw: int = 0) -> tuple[torch.Tensor, ...]:
+        """Each image's eps per site, keyed on (seed, image, site, draw); with one always-applied site exactly the
         draws of a single-site run (eps_mu, eps_sigma (B, C))."""
         config, sites = self.config, len(self.config.perturb_at)
-        eps = [[draw_eps(1, self.channels, keyed_generator(config.seed, i, "shift", k)) for k in range(sites)]
-               for i in indices]
+        eps = [[draw_eps(1, self.channels, keyed_generator(config.seed, i, "shift", key(draw, k)))
+                for k in range(sites)] for i in indices]
         if sites == 1 and config.perturb_prob >= 1:
             return (torch.cat([e[0][0] for e in eps]).to(device), torch.cat([e[0][1] for e in eps]).to(device))
         eps_mu = torch.stack([torch.cat([e[0] for e in per_image]) for per_image in eps]).to(device)
         eps_sigma = torch.stack([torch.cat([e[1] for e in per_image]) for per_image in eps]).to(device)
-        apply = torch.tensor([[float(torch.rand(1, generator=keyed_generator(config.seed, i, "site", k))
+        apply = torch.tensor([[float(torch.rand(1, generator=keyed_generator(config.seed, i, "site", key(draw, k)))
                                      < config.perturb_prob) for k in range(sites)] for i in indices], device=device)
         return eps_mu, eps_sigma, apply
 
@@ -75,8 +81,8 @@ class Eq6Shift:
         strength = self.config.perturb_strength
         return spread if strength == 1 else (spread[0] * strength, spread[1] * strength)
 
-    def prepare(self, x: torch.Tensor, indices: list[int], x_other=None) -> Prepared:
-        self.hook.eps = self.draws(indices, x.device)
+    def prepare(self, x: torch.Tensor, indices: list[int], x_other=None, draw: int = 0) -> Prepared:
+        self.hook.eps = self.draws(indices, x.device, draw)
         magnitudes = self.hook.prepare(self.segmenter, x, self.spread_of)
         return Prepared(x, self.hook, self.hook.eps, magnitudes)
 
@@ -95,8 +101,8 @@ class PixelShiftFamily:
         self.family = PixelShift(strength=config.perturb_strength)
         self.hook = None
 
-    def prepare(self, x: torch.Tensor, indices: list[int], x_other=None) -> Prepared:
-        draws = torch.stack([self.family.draw(keyed_generator(self.config.seed, i, "pixel")) for i in indices])
+    def prepare(self, x: torch.Tensor, indices: list[int], x_other=None, draw: int = 0) -> Prepared:
+        draws = torch.stack([self.family.draw(keyed_generator(self.config.seed, i, "pixel", draw)) for i in indices])
         shifted = shift_pixels(x, draws, self.mean, self.std)
         return Prepared(shifted, None, None, magnitude_between(self.segmenter, x, shifted, self.config))
 
@@ -110,7 +116,7 @@ class DataShift:
     def __init__(self, segmenter: Segmenter, config: ScoreConfig):
         self.segmenter, self.config, self.hook = segmenter, config, None
 
-    def prepare(self, x: torch.Tensor, indices: list[int], x_other=None) -> Prepared:
+    def prepare(self, x: torch.Tensor, indices: list[int], x_other=None, draw: int = 0) -> Prepared:
         return Prepared(x_other, None, None, magnitude_between(self.segmenter, x, x_other, self.config))
 
     def prepare_empty(self) -> None:

@@ -45,7 +45,7 @@ def test_draws_lie_in_their_ranges_and_follow_the_generator(strength):
     family = PixelShift(strength=strength)
     draws = torch.stack([family.draw(torch.Generator().manual_seed(i)) for i in range(200)])
     contrast, brightness, tints, haze, blur = draws[:, 0], draws[:, 1], draws[:, 2:5], draws[:, 5], draws[:, 6]
-    assert contrast.min() >= 1 - strength * 0.6 - 1e-9 and contrast.max() <= 1 + strength * 0.1 + 1e-9
+    assert contrast.min() >= 0.4 ** strength - 1e-9 and contrast.max() <= 1.1 ** strength + 1e-9
     assert brightness.abs().max() <= 0.25 * strength + 1e-9 and (tints - 1).abs().max() <= 0.2 * strength + 1e-9
     assert haze.min() >= 0 and haze.max() <= min(0.4 * strength, 0.95) + 1e-9
     assert blur.min() >= 0 and blur.max() <= 1.2 * strength + 1e-9

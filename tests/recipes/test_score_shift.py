@@ -66,7 +66,8 @@ def image_squares(model, x, y, uniforms):
 
 
 def oracle_fishers(data: Path, draws: int):
-    """Per half (even, odd image index) and in all: (F(x), F(x')) of the pixel family, averaged over ``draws``."""
+    """Per half (even, odd image index) and in all: (F(x), F(x')) of the pixel family, averaged over ``draws`` label
+    draws, each with its own pixel shift."""
     torch.manual_seed(0)
     backbone = build_backbone(MODEL, random_init=True)
     model = Segmenter(backbone.model, 19, "linear").eval()
@@ -77,8 +78,8 @@ def oracle_fishers(data: Path, draws: int):
     sums = {h: [[torch.zeros_like(p) for p in model.backbone.parameters()] for _ in range(2)] for h in (0, 1)}
     for i in range(len(dataset)):
         x, y, _ = dataset[i]
-        shifted = shift_pixels(x[None], PixelShift().draw(keyed_generator(0, i, "pixel"))[None], mean, std)[0]
-        for d in range(draws):
+        for d in range(draws):  # each label draw with a pixel shift of its own
+            shifted = shift_pixels(x[None], PixelShift().draw(keyed_generator(0, i, "pixel", d))[None], mean, std)[0]
             u = torch.rand(y.shape, generator=keyed_generator(0, i, "labels", d))
             for k, image in enumerate((x, shifted)):
                 for total, square in zip(sums[i % 2][k], image_squares(model, image, y, u)):
