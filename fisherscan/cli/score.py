@@ -15,6 +15,7 @@ from .options import config_options, given
 
 def report_scores(result, out: Path) -> None:
     """Print the group table and save it as CSV beside the scores."""
+    from ..scores.compare import reliability_table
     from ..scores.summary import group_summary, summary_table
 
     frame = group_summary(result.scores)
@@ -28,20 +29,6 @@ def report_scores(result, out: Path) -> None:
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     print_paths(("scores", out), ("head", result.head_path), ("table", csv_path))
-
-
-def reliability_table(record: dict):
-    """Per kind, the two halves' top-k Jaccard and Spearman, and Spearman-Brown's estimate for the full set."""
-    from rich.table import Table
-
-    table = Table(title=f"reliability: {record['halves']}, top {record['top']:.0%}")
-    for column in ("kind", "top-k Jaccard", "Spearman (halves)", "Spearman-Brown (full)"):
-        table.add_column(column, justify="left" if column == "kind" else "right")
-    for kind in ("fim", "fim_shift", "delta", "drfim"):
-        row = record[kind]
-        table.add_row(kind, f"{row['jaccard_top']:.3f}", f"{row['spearman_halves']:.3f}",
-                      f"{row['spearman_brown']:.3f}")
-    return table
 
 
 CONFIG_HELP = ("TOML or JSON file of options, keys = the option names with underscores (batch_size = 4); a run's "

@@ -24,6 +24,9 @@ PANELS = ("model", "data", "method", "shift", "variational", "selection", "optim
 UNIONS = (typing.Union, types.UnionType)
 
 # options that may change between a stopped run and its continuation: none of them changes a result
+#: --perturb-strength's default per --shift family: the pixel family's was chosen on the validation style
+#: (docs/method.md, benchmarks/drfim_signal.py); Eq. 6 keeps the paper's spread
+SHIFT_STRENGTH = {"pixel": 3.0, "eq6": 1.0}
 RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_every", "max_bad_frac", "eval",
                "eval_every", "eval_layout", "eval_split", "eval_crop", "eval_stride")
 
@@ -92,8 +95,9 @@ class ScoreConfig(RunConfig):
                                         "is below this", "variational")
     label_draws: int = option(1, "sampled labels drawn per image; its squares are averaged over them (K passes "
                                  "per image and shift)", "method")
-    shift: str = option("eq6", "the simulated unseen domain of F(x'): eq6 (feature statistics, Eq. 6) or pixel "
-                               "(photometric, contrast, haze and blur change of each image)", "shift")
+    shift: str = option("pixel", "the simulated unseen domain of F(x'): pixel (photometric, contrast, haze and blur "
+                                 "change of each image; the default, chosen on a validation style) or eq6 (feature "
+                                 "statistics, the paper's Eq. 6)", "shift")
     shift_data: Path | None = option(None, "real images of another style for F(x') instead: the same scenes (same "
                                            "relative paths: paired) or any images (unpaired); overrides --shift",
                                      "shift")
@@ -101,7 +105,9 @@ class ScoreConfig(RunConfig):
                                                "also measures the shift s of the other families)", "shift")
     perturb_prob: float = option(1.0, "probability that Eq. 6 is applied at a site, per image and site (DSU: 0.5)",
                                  "shift")
-    perturb_strength: float = option(1.0, "multiplies Eq. 6's spread (or the pixel family's ranges)", "shift")
+    perturb_strength: float | None = option(None, "multiplies the pixel family's ranges or Eq. 6's spread (default "
+                                                  "3 for pixel, chosen on a validation style; 1 for eq6, the paper's)",
+                                            "shift")
     spread: str = option("batch", "Eq. 6's spread of the statistics: batch (the batch's, as DSU) or pool (the "
                                   "first --spread-pool images', fixed)", "shift")
     spread_pool: int = option(64, "images of the pool of --spread pool", "shift")
@@ -110,12 +116,20 @@ class ScoreConfig(RunConfig):
     delta_eps: float | None = option(None, "Eq. 5's eps (default 1e-3 normalised, 1e-8 literal)", "method")
     shift_weight: float | None = option(None, "a fixed weight of the domain term of Eq. 7 (default exp(-s))", "method")
     drfim_weight: float = option(1.0, "lambda in DR-FIM = F + lambda * w * Delta F (Eq. 7's balance)", "method")
-    combine: str = option("sum", "sum (F + lambda w Delta F in normalised units) or rank (the same on the ranks "
-                                 "of F and Delta F over the candidates: unit-free)", "method")
+    combine: str | None = option(None, "rank (F + lambda w Delta F on the ranks of F and Delta F over the "
+                                       "candidates: unit-free; the default) or sum (the same in normalised units; the "
+                                       "default with --literal)", "method")
     replicates: int = option(1, "2: also score the even- and odd-index images apart and report each kind's "
                                 "half-vs-half agreement (top-k Jaccard, Spearman with Spearman-Brown); no extra cost",
                              "method")
     chunk_size: int = option(8, "images per chunk of per-image gradient work (bounds memory)", "run control")
+
+    def __post_init__(self):
+        """The defaults that depend on other options: the shift family's strength, the balance of --literal."""
+        if self.perturb_strength is None:
+            self.perturb_strength = SHIFT_STRENGTH.get(self.shift, 1.0)
+        if self.combine is None:
+            self.combine = "rank" if self.normalize else "sum"
 
 
 @dataclass(kw_only=True)

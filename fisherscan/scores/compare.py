@@ -55,6 +55,19 @@ def metadata_table(metadata: dict, title: str) -> Table:
     return table
 
 
+def reliability_table(record: dict) -> Table:
+    """Per kind, the two halves' top-k Jaccard and Spearman, and Spearman-Brown's estimate for the full set (the
+    record ``score --replicates 2`` writes)."""
+    table = Table(title=escape(f"reliability: {record['halves']}, top {record['top']:.0%}"))
+    for column in ("kind", "top-k Jaccard", "Spearman (halves)", "Spearman-Brown (full)"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind in ("fim", "fim_shift", "delta", "drfim"):
+        row = record[kind]
+        table.add_row(kind, f"{row['jaccard_top']:.3f}", f"{row['spearman_halves']:.3f}",
+                      f"{row['spearman_brown']:.3f}")
+    return table
+
+
 def inspect_scores(scores: dict[str, dict[str, torch.Tensor]], kinds: list[str], top: float = 0.05) -> pd.DataFrame:
     """One row per block x group x kind: block (-1: outside blocks), group, kind, elements, mean, median,
     top_count, top_share (of the global top-k of that kind), top_fraction (of the cell's elements)."""
@@ -182,6 +195,8 @@ def run_inspect(path: Path, kind: str | None = None, top: float = 0.05, compare:
         tables = [metadata_table(metadata, str(path)),
                   inspect_table(frame, f"{metadata.get('model', '?')}: {metadata.get('images', '?')} images, "
                                        f"per block x group (top {top:.0%} of candidates by each kind)", top)]
+        if "reliability" in metadata:
+            tables.insert(1, reliability_table(metadata["reliability"]))
     else:
         other, other_metadata = load_scores(compare)
         common = [k for k in scores if k in other]

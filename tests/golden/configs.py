@@ -13,6 +13,10 @@ import numpy as np
 
 COMMON = ["--random-init", "--layout", "generic", "--seed", "0", "--device", "cpu", "--workers", "0"]
 
+# score's options that reproduce the recordings' defaults, changed since: F(x') from Eq. 6 (now the pixel family)
+# and DR-FIM as the sum of the normalised terms (now their ranks)
+SCORE_AS_RECORDED = ["--shift", "eq6", "--combine", "sum"]
+
 # name -> the model spec, the crop, and the extra options of score, tune and mask
 CONFIGS = {
     # DINOv2 block design with 4 registers and LayerScale; multilevel head; diagonal estimator, sampled labels
@@ -70,9 +74,10 @@ def commands(name: str) -> list[list[str]]:
     crop = ["--crop", str(config["crop"])]
     model = ["--model", config["model"]]
     base = [*model, "--data", data, *crop, *COMMON]
+    score = [*config["score"], *SCORE_AS_RECORDED]
     return [
-        ["score", *base, "--images", "8", "--warmup-steps", "5", "--out", "scores.safetensors", *config["score"]],
-        ["score", *base, "--images", "8", "--warmup-steps", "5", "--out", "partial.safetensors", *config["score"],
+        ["score", *base, "--images", "8", "--warmup-steps", "5", "--out", "scores.safetensors", *score],
+        ["score", *base, "--images", "8", "--warmup-steps", "5", "--out", "partial.safetensors", *score,
          *config["partial"]],
         ["tune", *base, "--scores", "scores.safetensors", "--out", "run", *config["tune"]],
         ["mask", "--scores", "scores.safetensors", "--out", "mask.safetensors", *config["mask"]],

@@ -206,17 +206,29 @@ def test_clean_fisher_does_not_depend_on_batch_size(tmp_path, data, base, reused
 
 
 def test_normalised_drfim_matches_eq_5_and_7(base):
+    """The default balance: Eq. 5 on the normalised F, then DRF = rank(F) + w rank(Delta F) over the candidates
+    (scipy's average ranks divided by their count; every other element 0)."""
+    from scipy.stats import rankdata
+
     scores, meta = base["scores"], base["meta"]
     s, w, eps = meta["normalization"]["scale"], meta["shift"]["weight"], meta["delta_eps"]
-    assert meta["normalization"]["mode"] != "none"
+    assert meta["normalization"]["mode"] != "none" and meta["balance"]["combine"] == "rank"
     # s is the mean of F(x) over the Eq. 3 candidates: every qkv and mlp element of a ViT-Ti
-    candidates = [t.double().reshape(-1) for n, t in scores["fim"].items() if ".attn.qkv." in n or ".mlp." in n]
-    assert s == pytest.approx(float(torch.cat(candidates).mean()), rel=1e-6)
+    names = [n for n in scores["fim"] if ".attn.qkv." in n or ".mlp." in n]
+    assert s == pytest.approx(float(torch.cat([scores["fim"][n].double().reshape(-1) for n in names]).mean()),
+                              rel=1e-6)
+    delta = {}
     for name in scores["fim"]:
         f, f_shift = scores["fim"][name].double() / s, scores["fim_shift"][name].double() / s
-        delta = (f - f_shift).abs() / (torch.minimum(f, f_shift) + eps)
-        torch.testing.assert_close(scores["delta"][name].double(), delta, rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(scores["drfim"][name].double(), f + w * delta, rtol=1e-4, atol=1e-6, msg=name)
+        delta[name] = (f - f_shift).abs() / (torch.minimum(f, f_shift) + eps)
+        torch.testing.assert_close(scores["delta"][name].double(), delta[name], rtol=1e-4, atol=1e-6, msg=name)
+    count = sum(scores["fim"][n].numel() for n in names)
+    task = rankdata(torch.cat([scores["fim"][n].double().reshape(-1) for n in names]).numpy()) / count
+    domain = rankdata(torch.cat([scores["delta"][n].double().reshape(-1) for n in names]).numpy()) / count
+    expected = torch.from_numpy(task + w * domain)
+    drfim = torch.cat([scores["drfim"][n].double().reshape(-1) for n in names])
+    torch.testing.assert_close(drfim, expected, rtol=1e-5, atol=1e-6)
+    assert all(not scores["drfim"][n].any() for n in scores["fim"] if n not in names)
 
 
 def test_literal_drfim_matches_eq_5_and_7(tmp_path, data, base):

@@ -79,7 +79,8 @@ def oracle_fishers(data: Path, draws: int):
     for i in range(len(dataset)):
         x, y, _ = dataset[i]
         for d in range(draws):  # each label draw with a pixel shift of its own
-            shifted = shift_pixels(x[None], PixelShift().draw(keyed_generator(0, i, "pixel", d))[None], mean, std)[0]
+            pixel_draws = PixelShift(strength=3.0).draw(keyed_generator(0, i, "pixel", d))  # the default strength
+            shifted = shift_pixels(x[None], pixel_draws[None], mean, std)[0]
             u = torch.rand(y.shape, generator=keyed_generator(0, i, "labels", d))
             for k, image in enumerate((x, shifted)):
                 for total, square in zip(sums[i % 2][k], image_squares(model, image, y, u)):
@@ -116,7 +117,7 @@ def test_label_draws_and_halves_equal_a_per_image_loop(tmp_path, data):
     halves = []
     for h in (0, 1):
         f, f_shift = expected[h]
-        delta, drfim, _ = dr_fim_terms(f, f_shift, 0.5, True, candidates)
+        delta, drfim, _ = dr_fim_terms(f, f_shift, 0.5, True, candidates, combine="rank")  # the default
         halves.append({"fim": f, "fim_shift": f_shift, "delta": delta, "drfim": drfim})
     record = result.metadata["reliability"]
     k = math.floor(0.05 * sum(t.numel() for t in result.scores["fim"].values()))
@@ -154,9 +155,9 @@ def test_unpaired_shift_data_samples_its_labels(tmp_path, data):
 
 
 @pytest.mark.parametrize("options", [
-    ["--label-draws", "2", "--replicates", "2", "--perturb-at", "0,1", "--perturb-prob", "0.5", "--spread", "pool",
-     "--spread-pool", "4", "--perturb-strength", "2"],
-    ["--shift", "pixel", "--combine", "rank", "--drfim-weight", "3"],
+    ["--shift", "eq6", "--label-draws", "2", "--replicates", "2", "--perturb-at", "0,1", "--perturb-prob", "0.5",
+     "--spread", "pool", "--spread-pool", "4", "--perturb-strength", "2"],
+    ["--label-draws", "2", "--drfim-weight", "3"],  # the defaults: pixel, rank
 ], ids=["eq6-sites-draws-halves", "pixel-rank"])
 def test_stop_and_continue_gives_the_bytes_of_one_run(tmp_path, data, options):
     args = ["score", *COMMON, "--data", data, *options]
@@ -184,8 +185,8 @@ def start_ranks(args: list, world: int = 2) -> list[tuple[int, str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [
-    ["--label-draws", "2", "--replicates", "2", "--perturb-at", "0,1", "--perturb-prob", "0.5",
-     "--perturb-strength", "2", "--combine", "rank"],
+    ["--shift", "eq6", "--label-draws", "2", "--replicates", "2", "--perturb-at", "0,1", "--perturb-prob", "0.5",
+     "--perturb-strength", "2", "--combine", "sum"],
     ["--shift-data", "COPY", "--drfim-weight", "3", "--spread", "pool"],
 ], ids=["eq6-sites-global-spread", "shift-data"])
 def test_two_ranks_equal_one_process(tmp_path, data, options):
@@ -199,7 +200,7 @@ def test_two_ranks_equal_one_process(tmp_path, data, options):
     (a, meta_a), (b, meta_b) = load_scores(tmp_path / "one.safetensors"), load_scores(tmp_path / "two.safetensors")
     assert meta_b["world_size"] == 2 and meta_a["images"] == meta_b["images"]
     assert meta_a["shift"]["magnitude"] == pytest.approx(meta_b["shift"]["magnitude"], rel=1e-5)
-    ranked = "rank" in options  # a rank moves by one where float rounding swaps two near-equal elements
+    ranked = meta_a["balance"]["combine"] == "rank"  # float rounding may swap two near-equal elements' ranks
     candidates = sum(a["fim"][n].numel() for n in a["fim"] if ".attn.qkv." in n or ".mlp." in n)
     for kind in ("fim", "fim_shift", "delta", "drfim"):
         for name in a[kind]:

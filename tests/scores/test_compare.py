@@ -107,6 +107,22 @@ def test_inspect_prints_metadata_and_the_table_and_its_csv_round_trips(tmp_path)
     assert len(saved) == 3 * (6 * 7 + 2) and not saved.duplicated(["block", "group", "kind"]).any()
 
 
+def test_inspect_prints_the_reliability_record_of_replicates(tmp_path):
+    """A file scored with --replicates 2: inspect prints each kind's numbers from its record (hand-written here)."""
+    record = {"halves": "images of even and odd index", "top": 0.05,
+              **{kind: {"k": 10, "jaccard_top": 0.111 * (i + 1), "spearman_halves": 0.2 + 0.1 * i,
+                        "spearman_brown": 2 * (0.2 + 0.1 * i) / (1.2 + 0.1 * i)} for i, kind in enumerate(KINDS)}}
+    path = tmp_path / "s.safetensors"
+    save_scores(path, make_scores(), {"model": "toy-vit", "images": 16, "reliability": record})
+    stdout = ok(invoke("inspect", path)).stdout
+    assert "reliability: images of even and odd index, top 5%" in stdout
+    for i, kind in enumerate(KINDS):
+        row = next(line for line in stdout.splitlines() if line.strip("│ ").startswith(kind + " "))
+        assert [float(x) for x in row.replace("│", " ").split()[1:]] == pytest.approx(
+            [0.111 * (i + 1), 0.2 + 0.1 * i, 2 * (0.2 + 0.1 * i) / (1.2 + 0.1 * i)], abs=6e-4), row
+    assert "reliability" not in ok(invoke("inspect", write(tmp_path / "plain.safetensors", make_scores()))).stdout
+
+
 def test_metadata_summary_puts_the_model_first_and_shortens_long_values():
     rows = metadata_rows({"zeta": "z", "images": 8, "model": "m", "data": {"path": "x" * 200}}, width=40)
     assert [key for key, _ in rows] == ["model", "images", "data", "zeta"]
