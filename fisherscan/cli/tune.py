@@ -43,7 +43,14 @@ def tune(
                                   help="selected fraction of all backbone parameters at the start"),
     delta_max: str = typer.Option("5%", "--delta-max", help="... at the end (Eq. 16)"),
     schedule_t: Optional[float] = typer.Option(None, "--schedule-T", help="Eq. 16 time constant (default steps/3)"),
-    lr: float = typer.Option(1e-4, "--lr"),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (poly decay)"),
+    decoder_lr: Optional[float] = typer.Option(None, "--decoder-lr",
+                                               help="the decoder's AdamW learning rate (poly decay; default --lr)"),
+    adam_bias_correction: str = typer.Option(
+        "selection", "--adam-bias-correction",
+        help="selection: an element's Adam bias correction counts from the step it was first selected (its first "
+             "update is a normal first Adam step); global: from the run's first step (fisherscan before per-element "
+             "counts)"),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
     decoder: str = typer.Option("linear", "--decoder", help="linear, multilevel or mask2former[?option=value&...]"),
     feature_blocks: Optional[str] = typer.Option(None, "--feature-blocks", help="4 block indices for the decoder"),
