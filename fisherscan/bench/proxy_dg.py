@@ -191,7 +191,7 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> BenchR
     test = prepare_datasets([data["columns"][s] for s in config.styles], "generic")
     runs, rows, fractions = {}, [], {}
     score_jobs = 1 + ("drfim-var" in config.strategies) + ("oracle-delta" in config.strategies)
-    jobs = len(config.seeds) * (score_jobs + 2 * len(config.strategies))
+    jobs = len(config.seeds) * (score_jobs + 3 * len(config.strategies))  # tune, validate, test
     with progress_bar(console) as progress:
         stages = Stages(progress, jobs)
         for seed in config.seeds:

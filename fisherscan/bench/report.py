@@ -149,17 +149,18 @@ def plot_results(result, path: Path) -> None:
     columns = [*columns_of(result), *(g for g in GROUPS if g in next(iter(result.summary.values())))]
     strategies = list(result.summary)
     width = 0.85 / max(len(strategies), 1)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(13, 8), gridspec_kw={"height_ratios": [3, 2]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 8), gridspec_kw={"height_ratios": [3, 2]})
+    colours = plt.get_cmap("tab20").colors
     for i, strategy in enumerate(strategies):
         xs = np.arange(len(columns)) + (i - (len(strategies) - 1) / 2) * width
-        top.bar(xs, [result.summary[strategy][c]["mean"] for c in columns], width,
+        top.bar(xs, [result.summary[strategy][c]["mean"] for c in columns], width, color=colours[i % len(colours)],
                 yerr=[result.summary[strategy][c]["std"] for c in columns], capsize=1.5, label=strategy)
     top.set_xticks(np.arange(len(columns)), [c if c not in GROUPS else f"{c} (mean)" for c in columns])
     top.set_ylabel("mIoU (%)")
     seeds = len(result.config.seeds)
     top.set_title(f"proxy DG benchmark v2: tuned on '{SOURCE_STYLE}' only, {seeds} seed{'s' if seeds > 1 else ''} "
                   "(mean, error bar = std)" + (" -- quick" if result.config.quick else ""))
-    top.legend(ncol=min(len(strategies), 6), fontsize=8, loc="lower center")
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     pairs = list(result.paired)
     for j, group in enumerate(GROUPS):
         cells = [result.paired[p].get(group) for p in pairs]
@@ -169,19 +170,20 @@ def plot_results(result, path: Path) -> None:
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_xticks(np.arange(len(pairs)), [p.replace("_vs_", " - ") for p in pairs])
     bottom.set_ylabel("paired difference (mIoU points)")
-    bottom.legend(fontsize=8)
+    bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     with atomic_target(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
 
 
 def results_table(result) -> Table:
-    """Strategy x column mIoU (%), mean +- std over seeds, and the groups' means."""
+    """Strategy x (the validation columns and the test groups) mIoU (%), mean +- std over seeds; the single test
+    styles are in the files."""
     seeds = len(result.config.seeds)
-    columns = [c for c in (*columns_of(result), *GROUPS) if c in next(iter(result.summary.values()))]
+    columns = [c for c in (*VALIDATION_COLUMNS, *GROUPS) if c in next(iter(result.summary.values()))]
     table = Table(title=f"mIoU (%), tuned on '{SOURCE_STYLE}' only: mean±std over {seeds} seed"
                         f"{'s' if seeds > 1 else ''}" + (" (--quick)" if result.config.quick else ""),
                   box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
@@ -207,6 +209,7 @@ def verdict(result) -> list[str]:
     for key, pair in result.paired.items():
         a, b = key.split("_vs_")
         for group, diff in pair.items():
+            seeds = f"{diff['n']} seed{'s' if diff['n'] != 1 else ''}"
             lines.append(f"{a} - {b} on {group}: {diff['mean']:+.2f} ± {diff['std']:.2f} mIoU points (paired over "
-                         f"{diff['n']} seeds; {a} ahead in {diff['wins']})")
+                         f"{seeds}; {a} ahead in {diff['wins']})")
     return lines
