@@ -38,7 +38,9 @@ class MaskedAdamW:
     def __init__(self, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor], *,
                  entries: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.05):
-        self.params, self.masks, self.entries = params, masks, dict(entries or {})
+        self.params, self.masks = params, masks
+        self.entries = {name: (positions.to(params[name].device), steps.to(params[name].device))
+                        for name, (positions, steps) in (entries or {}).items()}
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.exp_avg = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -54,20 +56,20 @@ class MaskedAdamW:
         """A schedule step without an update: nothing moves, the late elements' counts do not advance."""
         self.missed.append(self.schedule_step)
 
-    def late_counts(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def late_counts(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions, k) of the late elements of ``name`` that have joined by the current update (its schedule step
         is ``schedule_step - 1``): k = the updates applied since each joined, this one included."""
         if name not in self.entries:
             return None
         positions, steps = self.entries[name]
-        now = self.schedule_step - 1
-        joined = int(torch.searchsorted(steps, torch.tensor([now], dtype=steps.dtype), right=True))
+        now = torch.tensor([self.schedule_step - 1], dtype=steps.dtype, device=steps.device)
+        joined = int(torch.searchsorted(steps, now, right=True))
         if joined == 0:
             return None
         start = steps[:joined].long()
-        missed = torch.tensor(self.missed, dtype=torch.long)
+        missed = torch.tensor(self.missed, dtype=torch.long, device=steps.device)
         applied_before = start - torch.searchsorted(missed, start)  # updates applied before each joined
-        return positions[:joined].to(device=device, dtype=torch.long), (self.step_count - applied_before).to(device)
+        return positions[:joined].long(), self.step_count - applied_before
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -84,7 +86,7 @@ class MaskedAdamW:
             self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denominator = (self.exp_avg_sq[name] / correction2).sqrt_().add_(self.eps)
             update = (self.exp_avg[name] / correction1) / denominator + self.weight_decay * p.float()
-            late = self.late_counts(name, p.device)
+            late = self.late_counts(name)
             if late is not None:  # their own bias correction, counted from the step each joined
                 positions, k = late
                 k = k.double()
