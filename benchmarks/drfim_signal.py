@@ -44,8 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fisherscan.bench.pretrain import MODEL, PretrainConfig, pretrained_weights  # noqa: E402
-from fisherscan.bench.proxy_dg import QUICK_PRETRAIN, SEEN  # noqa: E402
+from fisherscan.bench.pretrain import PretrainConfig, pretrained_weights  # noqa: E402
+from fisherscan.bench.protocol import QUICK_PRETRAIN, SOURCE_STYLE, VALIDATION_STYLE  # noqa: E402
 from fisherscan.data.synthetic import write_dataset  # noqa: E402
 from fisherscan.fisher.drfim import dr_fim_terms  # noqa: E402
 from fisherscan.models.groups import CANDIDATE_GROUPS, candidate_names, parameter_groups  # noqa: E402
@@ -56,19 +56,21 @@ from fisherscan.stats import jaccard, spearman  # noqa: E402
 
 SCENE_SEEDS = {"validation": 300, "test": 400}
 SEEDS, REFERENCE_SEEDS, SECOND_STYLE_SEEDS = (0, 1, 2), (100, 101, 102), (200, 201, 202)
-REFERENCE_STYLE, SECOND_STYLE = "rain", "fog"  # fog: only to report how well one real style predicts another
-# The fixed grid (at most 12 settings), "old" (the defaults before this study) first.
+REFERENCE_STYLE = VALIDATION_STYLE  # rain: never a test style of fisherscan bench
+SECOND_STYLE = "fog"  # only to report how well one real style predicts another
+# The fixed grid (at most 12 settings), the old defaults first; every setting spells out its shift.
+OLD = {"shift": "eq6", "perturb_strength": 1.0, "combine": "sum"}  # the defaults before this study
 GRID = {
-    "old": {},
-    "eq6-x3": {"perturb_strength": 3.0},
-    "eq6-x3-draws-2": {"perturb_strength": 3.0, "label_draws": 2},
-    "eq6-sites-0,2,4-x3-pool": {"perturb_at": (0, 2, 4), "perturb_prob": 0.5, "perturb_strength": 3.0,
+    "old": OLD,
+    "eq6-x3": {**OLD, "perturb_strength": 3.0},
+    "eq6-x3-draws-2": {**OLD, "perturb_strength": 3.0, "label_draws": 2},
+    "eq6-sites-0,2,4-x3-pool": {**OLD, "perturb_at": (0, 2, 4), "perturb_prob": 0.5, "perturb_strength": 3.0,
                                 "spread": "pool"},
-    "draws-2": {"label_draws": 2},
-    "pixel": {"shift": "pixel"},
+    "draws-2": {**OLD, "label_draws": 2},
+    "pixel": {"shift": "pixel", "perturb_strength": 1.0},
     "pixel-x2": {"shift": "pixel", "perturb_strength": 2.0},
     "pixel-x3": {"shift": "pixel", "perturb_strength": 3.0},
-    "pixel-draws-2": {"shift": "pixel", "label_draws": 2},
+    "pixel-draws-2": {"shift": "pixel", "perturb_strength": 1.0, "label_draws": 2},
     "pixel-x2-draws-2": {"shift": "pixel", "perturb_strength": 2.0, "label_draws": 2},
     "pixel-x3-draws-2": {"shift": "pixel", "perturb_strength": 3.0, "label_draws": 2},
 }
@@ -94,12 +96,11 @@ class Study:
     def __init__(self, work: Path, scenes: str, images: int, pretrain: PretrainConfig):
         self.work = work
         self.pretrained = pretrained_weights(pretrain)
-        self.styles = write_dataset(work / "data", domains=(SEEN, REFERENCE_STYLE, SECOND_STYLE),
+        self.styles = write_dataset(work / "data", domains=(SOURCE_STYLE, REFERENCE_STYLE, SECOND_STYLE),
                                     images_per_domain=images, size=(pretrain.size, pretrain.size),
                                     seed=SCENE_SEEDS[scenes])
-        self.common = dict(model=MODEL if pretrain.model == MODEL else pretrain.model, weights=self.pretrained.path,
-                           data=self.styles[SEEN], layout="generic", crop=pretrain.size, batch_size=8, workers=0,
-                           device="cpu", overwrite=True)
+        self.common = dict(model=pretrain.model, weights=self.pretrained.path, data=self.styles[SOURCE_STYLE],
+                           layout="generic", crop=pretrain.size, batch_size=8, workers=0, device="cpu", overwrite=True)
         warm = run_score(ScoreConfig(out=work / "warm.safetensors", warmup_steps=200, warmup_lr=3e-3, **self.common))
         self.head = warm.head_path
         shapes = {n: t.shape for n, t in warm.scores["fim"].items()}
@@ -244,7 +245,7 @@ def run(args) -> dict:
     return {"scenes": args.scenes, "scene_seed": SCENE_SEEDS[args.scenes], "images": images,
             "seeds": list(SEEDS[:2] if args.quick else SEEDS), "reference": reference["info"],
             "backbone": {"model": study.common["model"], "pretrain_config_hash": pretrain.key(),
-                         "pretrain_file": study.pretrained.path.name, "source_style": SEEN},
+                         "pretrain_file": study.pretrained.path.name, "source_style": SOURCE_STYLE},
             "k": study.k, "candidates": int(study.candidates.sum()), "quick": args.quick, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "targets": TARGETS, "rule": " ".join(choose.__doc__.split()),
             "balance_rule": " ".join(preferred_balance.__doc__.split()), "chosen_on": chosen_on,

@@ -5,7 +5,8 @@ the finished run folder of tune. Every file is a safetensors file in ``fishersca
   (``clean/``, ``shifted/``) and counters, or the variational estimator's finished and running fits, with the
   warmed head (``head/``), the options and the context (warm-up, skipped pairs).
 - ``RUN_DIR/checkpoint.safetensors`` (``tune``): the touched backbone parameters, the decoder, both optimizers'
-  moments and step counts, the log and the options.
+  moments, update counts and skipped steps (``optimizer_missed``; a checkpoint without them predates the
+  per-element bias correction and is refused), the log and the options.
 - ``RUN_DIR/model.safetensors`` + ``manifest.json`` + ``log.csv``: the finished run.
 
 A continued run refuses options that changed since it stopped, except ``config.RESUME_SAFE``.
@@ -207,6 +208,7 @@ def save_checkpoint(path: Path, step: int, segmenter: Segmenter, backbone_opt: M
             tensors[f"{prefix}_v/{name}"] = optimizer.exp_avg_sq[name]
     write_tensors(path, tensors, "checkpoint", {"step": step, "log": log_rows, "options": manifest["options"],
                                                  "optimizer_steps": [backbone_opt.step_count, decoder_opt.step_count],
+                                                 "optimizer_missed": [backbone_opt.missed, decoder_opt.missed],
                                                  "bad_steps": bad_steps, "head": manifest.get("head")})
 
 
@@ -214,6 +216,9 @@ def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAda
                        touched: list[str], manifest: dict) -> tuple[int, list[dict], dict]:
     """(step, log rows, the checkpoint's metadata) of ``save_checkpoint``'s file, its tensors loaded in place."""
     tensors, info = read_tensors(path, "checkpoint", FRESH)
+    if "optimizer_missed" not in info:
+        raise FisherscanError(f"{path}: written before Adam's bias correction counted per element (no "
+                              f"optimizer_missed); it cannot be continued: {FRESH}")
     expected = {f"backbone/{n}" for n in touched} | {f"decoder/{n}" for n in segmenter.decoder.state_dict()}
     for prefix, optimizer in _optimizers(backbone_opt, decoder_opt):
         expected |= {f"{prefix}_{moment}/{n}" for n in optimizer.params for moment in ("m", "v")}
@@ -232,10 +237,11 @@ def restore_checkpoint(path: Path, segmenter: Segmenter, backbone_opt: MaskedAda
             backbone[name].copy_(tensors[f"backbone/{name}"])
         segmenter.decoder.load_state_dict({n[len("decoder/"):]: v for n, v in tensors.items()
                                            if n.startswith("decoder/")})
-    for (prefix, optimizer), steps in zip(_optimizers(backbone_opt, decoder_opt), info["optimizer_steps"]):
+    for (prefix, optimizer), steps, missed in zip(_optimizers(backbone_opt, decoder_opt), info["optimizer_steps"],
+                                                  info["optimizer_missed"]):
         optimizer.load_state_dict({"exp_avg": {n: tensors[f"{prefix}_m/{n}"] for n in optimizer.params},
                                    "exp_avg_sq": {n: tensors[f"{prefix}_v/{n}"] for n in optimizer.params},
-                                   "step": steps})
+                                   "step": steps, "missed": missed})
     return int(info["step"]), list(info["log"]), info
 
 

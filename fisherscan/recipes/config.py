@@ -158,6 +158,12 @@ class TuneConfig(RunConfig):
     schedule_t: float | None = option(None, "Eq. 16 time constant (default steps/3)", "selection",
                                       aliases=("--schedule-T",))
     lr: float = option(1e-4, "AdamW learning rate (poly decay)", "optimisation")
+    decoder_lr: float | None = option(None, "the decoder's AdamW learning rate (poly decay; default --lr)",
+                                      "optimisation")
+    adam_bias_correction: str = option("selection", "selection: an element's Adam bias correction counts from the "
+                                                    "step it was first selected (its first update is a normal first "
+                                                    "Adam step); global: from the run's first step (fisherscan before "
+                                                    "per-element counts)", "optimisation")
     weight_decay: float = option(0.05, "AdamW weight decay (selected elements and the decoder only)", "optimisation")
     power: float = option(0.9, "poly decay power", "optimisation")
     full_checkpoint: bool = option(False, "save the whole backbone, not only the changed parameters", "output")

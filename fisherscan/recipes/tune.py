@@ -42,7 +42,7 @@ from ..models.segmenter import Segmenter
 from ..rng import keyed_seed
 from ..runtime import progress_bar, resolve_device, step_done
 from ..scores.file import load_scores
-from ..scores.select import STRATEGIES, selected_count, selection_order
+from ..scores.select import STRATEGIES, entry_steps, selected_count, selection_order
 from . import distributed
 from .checkpoint import restore_checkpoint, save_checkpoint, save_run, write_log
 from .config import TuneConfig, absolute_paths
@@ -53,6 +53,7 @@ from .warmup import warm_up_decoder
 
 # run control: not recorded in the manifest, so a continued run writes the same files as an uninterrupted one
 RUN_CONTROL = ("resume", "stop_after")
+BIAS_CORRECTIONS = ("selection", "global")  # MaskedAdamW's per-element count, or the run's (before it existed)
 WARMUP_LR = 1e-3  # the decoder warm-up's learning rate when no head is found beside the scores
 
 
@@ -116,6 +117,11 @@ def check_config(config: TuneConfig) -> None:
                               "--out")
     if config.resume and not (out / "checkpoint.safetensors").exists():
         raise FisherscanError(f"--resume: {out} has no checkpoint.safetensors; start without --resume")
+    if config.adam_bias_correction not in BIAS_CORRECTIONS:
+        raise FisherscanError(f"--adam-bias-correction {config.adam_bias_correction}: use one of "
+                              f"{', '.join(BIAS_CORRECTIONS)}")
+    if config.decoder_lr is not None and not (math.isfinite(config.decoder_lr) and config.decoder_lr > 0):
+        raise FisherscanError(f"--decoder-lr {config.decoder_lr}: must be a positive number")
     if not (math.isfinite(config.max_bad_frac) and 0 <= config.max_bad_frac <= 1):
         raise FisherscanError(f"--max-bad-frac {config.max_bad_frac}: must lie in [0, 1]")
 
@@ -217,7 +223,8 @@ class Selection:
         self.touched = [n for n, piece in zip(self.names, final.split(sizes)) if piece.any()]
         for name, p in params.items():
             p.requires_grad_(name in self.touched)
-        self.backbone_opt = MaskedAdamW({n: params[n] for n in self.touched}, self.masks,
+        entries = self.late_entries(sizes) if config.adam_bias_correction == "selection" else None
+        self.backbone_opt = MaskedAdamW({n: params[n] for n in self.touched}, self.masks, entries=entries,
                                         weight_decay=config.weight_decay)
         self.decoder_params = dict(run.segmenter.decoder.named_parameters())
         self.decoder_opt = MaskedAdamW(self.decoder_params, {n: torch.ones_like(p, dtype=torch.bool)
@@ -234,6 +241,31 @@ class Selection:
             return 0
         return min(self.order.numel(), selected_count(step, config.steps - 1, self.total, config.delta_min,
                                                       config.delta_max, config.schedule_t))
+
+    def late_entries(self, sizes: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per touched parameter, the elements that join after the first step (ranks count_at(0) .. final - 1 of
+        the order): their flat positions in the parameter and the step each joins (Eq. 16's counts), int32 and
+        in the order they join, for the optimizer's per-element bias correction. Two int32 per late element,
+        nothing for the others: derived from the order and the schedule, so nothing extra to checkpoint."""
+        counts = torch.tensor([self.count_at(t) for t in range(self.config.steps)], dtype=torch.long)
+        first = int(counts[0])
+        if self.final_count <= first:
+            return {}
+        ranks = torch.arange(first, self.final_count)
+        steps, late = entry_steps(counts, ranks), self.order[first:self.final_count]
+        ends = torch.tensor(sizes, dtype=torch.long).cumsum(0)
+        owner = torch.searchsorted(ends, late, right=True)  # index into self.names
+        grouped = torch.argsort(owner, stable=True)  # by parameter, join order kept inside each
+        late, steps, owner = late[grouped], steps[grouped], owner[grouped]
+        per_param = torch.bincount(owner, minlength=len(sizes)).tolist()
+        entries, start = {}, 0
+        for index, (name, count) in enumerate(zip(self.names, per_param)):
+            if count:
+                offset = int(ends[index]) - sizes[index]
+                entries[name] = ((late[start:start + count] - offset).to(torch.int32),
+                                 steps[start:start + count].to(torch.int32))
+            start += count
+        return entries
 
     def grow_to(self, step: int) -> int:
         """Select the elements of update ``step`` (the set only grows); the number selected."""
@@ -256,7 +288,8 @@ def tune_manifest(run: TuneRun, selection: Selection, sources: dict | None = Non
                       "final_selected": selection.final_count,
                       "schedule": "f(t) = dmin + (dmax - dmin) (1 - exp(-t/T)) / (1 - exp(-T3/T)), T = T3/3 default"},
         "optimizer": {"name": "AdamW, masked (unselected elements bit-identical)", "lr": config.lr,
-                      "weight_decay": config.weight_decay, "poly_power": config.power},
+                      "decoder_lr": decoder_lr(config), "weight_decay": config.weight_decay,
+                      "poly_power": config.power, "bias_correction": config.adam_bias_correction},
         "decoder": config.decoder, "num_classes": NUM_CLASSES, "crop": config.crop, "world_size": run.ranks.world,
         "options": options_json(config, exclude=RUN_CONTROL),
         **({"option_sources": {k: v for k, v in sources.items() if k not in RUN_CONTROL}} if sources else {}),
@@ -309,6 +342,10 @@ def training_batches(run: TuneRun, first_step: int):
                                        num_workers=config.workers)
 
 
+def decoder_lr(config: TuneConfig) -> float:
+    return config.decoder_lr if config.decoder_lr is not None else config.lr
+
+
 def update(run: TuneRun, selection: Selection, state: TrainState, running: float, progress: Progress) -> dict:
     """One optimizer step (or a skipped one) at ``state.step`` with the gradients accumulated; its log row."""
     config, step = run.config, state.step
@@ -318,8 +355,10 @@ def update(run: TuneRun, selection: Selection, state: TrainState, running: float
     finite = math.isfinite(running) and grads_finite(run.segmenter)  # all-reduced: the same on every rank
     if finite:
         selection.backbone_opt.step(lr)
-        selection.decoder_opt.step(lr)
-    else:  # skipped: no update, moments and step counts untouched
+        selection.decoder_opt.step(poly_lr(decoder_lr(config), step, config.steps, config.power))
+    else:  # skipped: no update, moments and update counts untouched
+        selection.backbone_opt.skip()
+        selection.decoder_opt.skip()
         state.bad_steps += 1
         if not progress.disable:
             progress.console.print(f"[yellow]warning:[/] step {step + 1}: non-finite loss or gradients, skipped "

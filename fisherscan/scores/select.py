@@ -48,6 +48,15 @@ def selected_count(step: int, steps: int, total: int, delta_min: float, delta_ma
     return math.floor(selected_fraction(step, steps, delta_min, delta_max, schedule_t) * total)
 
 
+def entry_steps(counts: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """The step at which each rank of a selection order joins the selection: the first t with counts[t] > rank.
+
+    ``counts[t]`` is the number selected at step t (Eq. 16's schedule, non-decreasing: the set only grows); a rank
+    that never joins gets len(counts).
+    """
+    return torch.searchsorted(counts, ranks, right=True)
+
+
 def candidate_elements(shapes: dict[str, torch.Size], groups_allowed: Iterable[str]) -> tuple[list[str], torch.Tensor]:
     """(parameter names in fixed order, boolean vector over all their elements: allowed-group element?)."""
     names = sorted(shapes)

@@ -79,7 +79,10 @@ def commands(name: str) -> list[list[str]]:
         ["score", *base, "--images", "8", "--warmup-steps", "5", "--out", "scores.safetensors", *score],
         ["score", *base, "--images", "8", "--warmup-steps", "5", "--out", "partial.safetensors", *score,
          *config["partial"]],
-        ["tune", *base, "--scores", "scores.safetensors", "--out", "run", *config["tune"]],
+        # recorded before Adam's bias correction counted per element: the earlier behaviour is --adam-bias-correction
+        # global (the recorded manifests lack the option; keys added since are allowed)
+        ["tune", *base, "--scores", "scores.safetensors", "--out", "run", *config["tune"],
+         "--adam-bias-correction", "global"],
         ["mask", "--scores", "scores.safetensors", "--out", "mask.safetensors", *config["mask"]],
         ["eval", "--checkpoint", "run", "--data", "val/source", "--data", "val/fog", "--layout", "generic",
          *crop, "--stride", str(config["crop"]), "--device", "cpu", "--workers", "0"],

@@ -1,5 +1,6 @@
 """fisherscan.tuning: the backbone changes exactly where the mask says (bits compared with a fresh rebuild of the
-pretrained model), the selection follows Eq. 16 at every step, resume equals an uninterrupted run to the bit."""
+pretrained model), the selection follows Eq. 16 at every step, the optimizer's late entries are the elements each
+step adds, resume equals an uninterrupted run to the bit, an old checkpoint is refused, --decoder-lr."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import invoke, write_random_scores
+from conftest import invoke, one_error_line, write_random_scores
 from safetensors.torch import load_file
 
 from fisherscan.data.synthetic import write_dataset
 from fisherscan.eval.runs import load_run
 from fisherscan.models.backbone import build_backbone
 from fisherscan.recipes.config import TuneConfig
-from fisherscan.recipes.tune import run_tune
+from fisherscan.recipes.distributed import Ranks
+from fisherscan.recipes.tune import Selection, run_tune, set_up
 from fisherscan.scores.file import load_scores
 from fisherscan.scores.select import STRATEGIES, select_mask, selected_count
 
@@ -138,3 +140,58 @@ def test_multilevel_decoder_run_reloads_identically(scores_file, source, tmp_pat
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(tuned(x), again(x)) and tuned(x).shape == (1, 19, 8, 8)
+
+
+def test_late_entries_are_the_elements_each_step_adds(scores_file, source, tmp_path):
+    """Oracle: the growing masks themselves (``grow_to`` step by step): the step at which each element first shows
+    up; the entries hold exactly the elements that show up after step 0, with that step, in join order."""
+    steps = 7
+    run = set_up(config(scores_file, source, tmp_path / "run", steps=steps, delta_min=0.01, delta_max=0.06),
+                 Ranks(), torch.device("cpu"))
+    selection = Selection(run)
+    first = {name: torch.full(mask.shape, -1).view(-1) for name, mask in selection.masks.items()}
+    for step in range(steps):
+        selection.grow_to(step)
+        for name, mask in selection.masks.items():
+            new = mask.reshape(-1) & (first[name] < 0)
+            first[name][new] = step
+    entries = selection.backbone_opt.entries
+    assert set(entries) == {n for n, f in first.items() if (f > 0).any()} and entries
+    for name, (positions, joined) in entries.items():
+        assert positions.dtype == joined.dtype == torch.int32
+        assert (joined[1:] >= joined[:-1]).all()  # in join order
+        expected = {(int(i), int(first[name][i])) for i in (first[name] > 0).nonzero().view(-1)}
+        assert set(zip(positions.tolist(), joined.tolist())) == expected and len(positions) == len(expected)
+    glob = Selection(set_up(config(scores_file, source, tmp_path / "g", steps=steps, adam_bias_correction="global"),
+                            Ranks(), torch.device("cpu")))
+    assert glob.backbone_opt.entries == {}
+
+
+def test_a_checkpoint_from_before_per_element_bias_correction_is_refused(scores_file, source, tmp_path):
+    """A tune checkpoint recorded before this change (the golden fixture) has no optimizer_missed: one line."""
+    (tmp_path / "run").mkdir()
+    old = Path(__file__).parents[1] / "golden" / "dinov2" / "checkpoint.safetensors"
+    (tmp_path / "run" / "checkpoint.safetensors").write_bytes(old.read_bytes())
+    result = invoke(*["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data", str(source),
+                      "--out", str(tmp_path / "run"), "--crop", "32", "--steps", "2", "--workers", "0", "--resume"])
+    one_error_line(result, "checkpoint.safetensors", "optimizer_missed", "--overwrite")
+
+
+def test_decoder_lr(scores_file, source, tmp_path):
+    """Oracle: a second run. With the backbone frozen, --decoder-lr X and --lr 1e-9 give the decoder of --lr X; with
+    --decoder-lr equal to --lr every bit equals the run without it; --adam-bias-correction and --decoder-lr checked."""
+    run_tune(config(scores_file, source, tmp_path / "a", strategy="freeze", lr=3e-3))
+    run_tune(config(scores_file, source, tmp_path / "b", strategy="freeze", lr=1e-9, decoder_lr=3e-3))
+    run_tune(config(scores_file, source, tmp_path / "c", strategy="freeze", lr=1e-9))
+    a, b, c = (load_file(str(tmp_path / run / "model.safetensors")) for run in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["optimizer"]["decoder_lr"] == 3e-3 and manifest["optimizer"]["lr"] == 1e-9
+    run_tune(config(scores_file, source, tmp_path / "d", steps=2, strategy="full", lr=3e-3))
+    run_tune(config(scores_file, source, tmp_path / "e", steps=2, strategy="full", lr=3e-3, decoder_lr=3e-3))
+    d, e = (load_file(str(tmp_path / run / "model.safetensors")) for run in "de")
+    assert set(d) == set(e) and all(torch.equal(d[k], e[k]) for k in d)
+    base = ["tune", "--scores", str(scores_file), "--model", MODEL, "--random-init", "--data", str(source), "--out",
+            str(tmp_path / "f"), "--crop", "32", "--workers", "0"]
+    one_error_line(invoke(*base, "--decoder-lr", "-1"), "--decoder-lr -1")
+    one_error_line(invoke(*base, "--adam-bias-correction", "local"), "--adam-bias-correction local", "selection")
