@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fisherscan.fisher import fused
 from fisherscan.fisher.diagonal import make_engine
 from fisherscan.fisher.loss import image_loss, sample_labels
 from fisherscan.models.backbone import build_backbone
@@ -107,7 +108,25 @@ def engine_check(family: str, device: torch.device) -> dict:
     return {"spec": spec, "input": size, "images": 4, "parameters": len(want), "max_rel_err": errors[worst],
             "worst_parameter": worst, "visits": visits, "rtol": RTOL,
             "passed": errors[worst] < RTOL and "fallback" not in visits,
-            "bf16": {"finite": finite, **agreement, "passed": finite and agreement["spearman"] > 0.9}}
+            "bf16": {"finite": finite, **agreement, "passed": finite and agreement["spearman"] > 0.9},
+            "fused": fused_check(model, x, y, u, want, bf16) if fused.available(x) else "not available here"}
+
+
+def fused_check(model: Segmenter, x, y, u, want: dict, bf16_rule: dict) -> dict:
+    """The engine with the fused Triton kernel: fp32 against the per-image loop, bf16 against the rule's bf16."""
+    engine = make_engine(model, "hooks", chunk_size=3, fused=True)
+    with exact_fp32():
+        got = engine.squared_gradient_sum(x, y, u)
+    errors = {n: float((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-30)) for n in want}
+    fused_names = [n for n, how in engine.visits.items() if how == "linear_fused"]
+    bf16 = engine.squared_gradient_sum(x, y, u, autocast_dtype=torch.bfloat16)
+    bf16_errors = {n: float((bf16[n] - bf16_rule[n]).abs().max() / bf16_rule[n].abs().max().clamp_min(1e-30))
+                   for n in fused_names}
+    worst = max(errors.values())
+    return {"fused_parameters": len(fused_names), "max_rel_err": worst,
+            "bf16_max_rel_err_vs_rule": max(bf16_errors.values(), default=None),
+            "bf16_vs_rule": rank_agreement(bf16_rule, bf16),
+            "passed": worst < RTOL and bool(fused_names)}
 
 
 def correctness(device: torch.device) -> dict:

@@ -16,6 +16,7 @@ atomically after each one, so a run cut short keeps what it measured, and a sect
    them, with the linear decoder; batch 8, bf16 autocast, one sampled label map per image. Methods:
      plain        forward + backward of the batch with weight gradients (one training step without the optimizer)
      engine       the hook engine (``make_engine(model, "hooks")``), the default of ``score``
+     engine_fused the same with the experimental fused Triton kernel for Linear weights (``fused=True``)
      vmap         torch.func vmap(grad) (``make_engine(model, "vmap")``)
      variational  one step of ``fisherscan.fisher.variational.fit_precision`` (an antithetic pair: two forward +
                   backward passes); ``per_pass_vs_plain`` is half its time over plain's
@@ -70,10 +71,12 @@ SPEED = {  # name -> (model spec, input side)
 }
 SMALL_SPEED = {"tiny_vit_96": ("timm:vit_small_patch16_224?depth=4&embed_dim=128&num_heads=4&patch_size=8"
                                "&init_values=0.01", 96)}
-METHODS = ("plain", "engine", "vmap", "variational", "tune_full", "tune_masked", "tune_adamw")
+METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "tune_full", "tune_masked", "tune_adamw")
 ABOUT = {
     "plain": "forward + backward of the batch with weight gradients, summed pixel CE on sampled labels",
     "engine": "hook engine, make_engine(model, 'hooks', chunk_size=batch), backbone scored",
+    "engine_fused": "the same with fused=True: Linear weights by the Triton kernel of fisherscan.fisher.fused "
+                    "(where it cannot run, the PyTorch rule: see engine_paths)",
     "vmap": "torch.func vmap(grad), make_engine(model, 'vmap', chunk_size=batch)",
     "variational": "fit_precision(steps=1): an antithetic pair, two forward+backward passes (per_pass_vs_plain)",
     "tune_full": "tune step: decoder training loss, backward, finite check, MaskedAdamW with all-true masks",
@@ -84,8 +87,8 @@ ABOUT = {
                        "over plain's; extra_memory_vs_plain: the same for the peak over what was held before the call",
 }
 BUDGET = 0.05  # the paper's: 5% of all backbone parameters
-TARGETS = {"engine_time_vs_plain": 1.15, "engine_memory_vs_plain": 1.3, "tune_masked_vs_full": 1.05,
-           "data_wait_share": 0.10}
+TARGETS = {"engine_time_vs_plain": 1.15, "engine_memory_vs_plain": 1.3, "engine_fused_time_vs_plain": 1.15,
+           "engine_fused_memory_vs_plain": 1.3, "tune_masked_vs_full": 1.05, "data_wait_share": 0.10}
 
 
 def set_trainable(model: Segmenter, backbone: bool | list[str], decoder: bool) -> None:
@@ -127,9 +130,10 @@ def method_factory(name: str, model: Segmenter, x, y, u, autocast):
     decoder = dict(model.decoder.named_parameters())
     if name == "plain":
         return lambda: (set_trainable(model, True, True), common.plain_training_step(model, x, y, u, autocast))
-    if name in ("engine", "vmap"):
+    if name in ("engine", "engine_fused", "vmap"):
         set_trainable(model, True, False)  # the scored parameters: the backbone's (as score)
-        engine = make_engine(model, "hooks" if name == "engine" else "vmap", chunk_size=x.shape[0])
+        engine = make_engine(model, "vmap" if name == "vmap" else "hooks", chunk_size=x.shape[0],
+                             fused=name == "engine_fused")
         return lambda: engine.squared_gradient_sum(x, y, u, autocast_dtype=autocast)
     if name == "variational":
         from fisherscan.fisher.variational import fit_precision, segmentation_losses
@@ -219,16 +223,18 @@ def speed_setting(spec: str, side: int, args, device: torch.device) -> dict:
     times = {name: seconds[1:] for name, seconds in times.items()}
     if "engine" in runs:
         record["engine_paths"] = engine_paths(model, x, y, u, autocast)
+    if "engine_fused" in runs:
+        record["engine_fused_paths"] = engine_paths(model, x, y, u, autocast, fused=True)
     del runs, model, x, y
     free(device)
     add_ratios(results, times)
     return record
 
 
-def engine_paths(model: Segmenter, x, y, u, autocast) -> dict:
+def engine_paths(model: Segmenter, x, y, u, autocast, fused: bool = False) -> dict:
     """How many parameters each path of the hook engine took (rules by name, recompute, fallback, unused)."""
     set_trainable(model, True, False)
-    engine = make_engine(model, "hooks", chunk_size=x.shape[0])
+    engine = make_engine(model, "hooks", chunk_size=x.shape[0], fused=fused)
     engine.squared_gradient_sum(x[:2], y[:2], u[:2], autocast_dtype=autocast)
     counts: dict[str, int] = {}
     for how in engine.visits.values():
@@ -263,6 +269,8 @@ def targets(report: dict) -> dict:
     e2e = report.get("score_gta_sized", {}).get("timing") or {}
     measured = {"engine_time_vs_plain": first.get("engine", {}).get("time_vs_plain"),
                 "engine_memory_vs_plain": first.get("engine", {}).get("memory_vs_plain"),
+                "engine_fused_time_vs_plain": first.get("engine_fused", {}).get("time_vs_plain"),
+                "engine_fused_memory_vs_plain": first.get("engine_fused", {}).get("memory_vs_plain"),
                 "tune_masked_vs_full": first.get("tune_masked", {}).get("time_vs_tune_full"),
                 "data_wait_share": e2e.get("data_wait_share")}
     return {key: {"target": f"{'<' if key == 'data_wait_share' else '<='} {limit}", "measured": measured[key],

@@ -18,6 +18,9 @@ outside its module, a recompute that cannot be done) is computed exactly on the 
 restricted to those parameters (``fisherscan.fisher.vmap``, "fallback"). Parameters with no path to the loss are
 found once per engine and get exact zeros ("unused"). ``HookEngine.visits`` records which way each parameter went.
 Build one engine per model and run; it holds no batch between calls.
+
+``fused=True`` (experimental, off by default) sums a Linear weight's per-image squares in one Triton kernel
+(``fisherscan.fisher.fused``, "linear_fused") instead of materialising the per-image gradients, where it can run.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from torch import nn
 
 from ..models.families import architecture_family
 from ..models.logits import upsample_logits
-from . import rules
+from . import fused, rules
 from .loss import labelled_loss
 from .perturb import TokenShift
 from .vmap import vmap_squared_gradient_sum
 
 FALLBACK = "fallback"
+FUSED = "linear_fused"
 RECOMPUTE = "recompute"
 UNUSED = "unused"
 TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed")
@@ -110,12 +114,25 @@ class _Site:
         if self.rule == RECOMPUTE:
             self.recompute(engine, x, g, k)
             return
+        if engine.fused and self.rule is rules.linear and "weight" in self.names and fused.available(g):
+            self.fused_linear(engine, x, g)
+            return
         for start in range(0, images, engine.chunk_size):
             n = min(engine.chunk_size, images - start)
             grads = self.rule(self.module, x[start * k:(start + n) * k], g[start * k:(start + n) * k], n)
             for local, value in grads.items():  # rules return tensors of their own: squared in place
                 engine.sums[self.names[local]] += value.float().square_().sum(dim=0)
                 engine.visits[self.names[local]] = self.rule.__name__
+
+    def fused_linear(self, engine: HookEngine, x: torch.Tensor, g: torch.Tensor) -> None:
+        """The Linear rule with its weight's squares summed in one Triton kernel (``fisherscan.fisher.fused``):
+        no per-image weight gradient is materialised; the bias by the rule."""
+        weight = self.names["weight"]
+        fused.add_squared_weight_gradients(engine.sums[weight], g, x, engine.images)
+        engine.visits[weight] = FUSED
+        for local, value in rules.linear_bias(self.module, g, engine.images).items():
+            engine.sums[self.names[local]] += value.square_().sum(dim=0)
+            engine.visits[self.names[local]] = rules.linear.__name__
 
     def recompute(self, engine: HookEngine, x: torch.Tensor, g: torch.Tensor, k: int) -> None:
         """The exact path for a module without a rule: per image, its forward again on that image's rows of the
@@ -266,8 +283,9 @@ def _only_requiring_grad(model: nn.Module, params: list[torch.Tensor]):
 class HookEngine:
     """The hook engine for ``model`` and the scored parameters ``params`` (full name -> parameter)."""
 
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], chunk_size: int = 8):
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], chunk_size: int = 8, fused: bool = False):
         self.model, self.params, self.chunk_size = model, dict(params), max(1, int(chunk_size))
+        self.fused = fused  # Linear weights by the fused Triton kernel where it can run (experimental)
         self.sites, self.token_sites, self.planned = plan_sites(model, self.params)
         self.visits: dict[str, str] = {}
         self.paused = False
