@@ -62,16 +62,22 @@ def _kernel():
     return squared_products, triton.cdiv
 
 
-def add_squared_weight_gradients(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, images: int) -> None:
+def add_squared_weight_gradients(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, images: int,
+                                 blocks: tuple[int, int, int] | None = None) -> None:
     """out (rows, cols) fp32 += sum_i (g_i^T x_i)^2 over the ``images`` images of g (images * k, ..., rows) and
-    x (images * k, ..., cols): the Linear rule's weight squares, summed, in one kernel."""
+    x (images * k, ..., cols): the Linear rule's weight squares, summed, in one kernel. ``blocks`` (rows, cols,
+    tokens per step) overrides the tile sizes."""
     g3 = g.reshape(images, -1, g.shape[-1])
     x3 = x.reshape(images, -1, x.shape[-1]).to(g3.dtype)
     rows, cols = g3.shape[-1], x3.shape[-1]
     if out.shape != (rows, cols) or out.dtype != torch.float32:
         raise ValueError(f"accumulator of shape {tuple(out.shape)} ({out.dtype}) for a ({rows}, {cols}) weight")
     kernel, cdiv = _kernel()
-    block_o, block_i, block_t = 64, 64, 32
+    ieee = g3.dtype == torch.float32
+    # untuned first guesses for Hopper (two fp32 tile accumulators per program: 64 registers a thread each)
+    block_o, block_i, block_t, warps, stages = (64, 64, 32, 4, 2) if ieee else (128, 64, 32, 8, 3)
+    if blocks is not None:
+        block_o, block_i, block_t = blocks
     grid = (cdiv(rows, block_o), cdiv(cols, block_i))
     kernel[grid](g3, x3, out, images, g3.shape[1], rows, cols, *g3.stride(), *x3.stride(), *out.stride(),
-                 BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, IEEE=g3.dtype == torch.float32)
+                 BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, IEEE=ieee, num_warps=warps, num_stages=stages)

@@ -47,14 +47,16 @@ def rule_squares(module: nn.Linear, x, g, images) -> torch.Tensor:
 
 
 @kernel
-@pytest.mark.parametrize("images, k, tokens, rows, cols", [(3, 1, 37, 40, 50), (2, 2, 9, 70, 65), (1, 1, 5, 16, 16),
-                                                           (4, 1, 33, 130, 24)])
-def test_kernel_equals_the_rule_in_fp32(images, k, tokens, rows, cols):
+@pytest.mark.parametrize("images, k, tokens, rows, cols, blocks", [
+    (3, 1, 37, 40, 50, None), (2, 2, 9, 70, 65, None), (1, 1, 5, 16, 16, None),
+    (4, 1, 33, 130, 24, (128, 64, 32)),  # the bf16 tiles, in fp32 (the interpreter has no bf16)
+])
+def test_kernel_equals_the_rule_in_fp32(images, k, tokens, rows, cols, blocks):
     torch.manual_seed(images * 100 + rows)
     layer = nn.Linear(cols, rows)
     x, g = torch.randn(images * k, tokens, cols), torch.randn(images * k, tokens, rows)
     out = torch.full((rows, cols), 0.25, device=DEVICE)  # the kernel adds to what the accumulator holds
-    fused.add_squared_weight_gradients(out, g.to(DEVICE), x.to(DEVICE), images)
+    fused.add_squared_weight_gradients(out, g.to(DEVICE), x.to(DEVICE), images, blocks)
     want = rule_squares(layer, x, g, images)
     out = out.cpu()
     assert float(((out.double() - 0.25) - want).abs().max() / want.abs().max()) < 1e-5
