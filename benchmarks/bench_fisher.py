@@ -8,10 +8,11 @@ Methods, all on the same batch with one sampled label map per image (the true Fi
 
 The CPU regression check of the hook engine (the GPU measurements are benchmarks/gpu_suite.py's). Time: all
 methods in this process, interleaved round by round (``--repeats`` rounds after one warm-up each), so a busy
-machine slows them alike; the median per method and its ratio to ``plain`` (the ratio of the minima is stored
-too). Memory: each method in its own subprocess (fresh allocator): the peak resident set (VmHWM, reset through
-/proc/self/clear_refs after building the model and the batch) over the resident set at that point -- it counts the
-allocator's cached pages too, so it is coarse. The JSON names the machine and the CPU.
+machine slows them alike; the median per method and its ratio to ``plain`` (the ratio of the minima, and of the
+median process CPU times, which a busy machine inflates less, are stored too). Memory: each method in its own
+subprocess (fresh allocator): the peak resident set (VmHWM, reset through /proc/self/clear_refs after building the
+model and the batch) over the resident set at that point -- it counts the allocator's cached pages too, so it is
+coarse. The JSON names the machine and the CPU.
 
 CPU run with a tiny ViT (what benchmarks/results/bench_fisher_cpu.json holds; the engine's ratio should stay
 <= 1.30):
@@ -140,12 +141,15 @@ def interleaved_times(args, names: list[str]) -> dict:
     for run in runs.values():
         run()  # warm-up
     times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: {"seconds": seconds, "median_seconds": statistics.median(seconds), "min_seconds": min(seconds)}
+            cpu[name].append(time.process_time() - start_cpu)  # not inflated while other jobs hold the core
+    return {name: {"seconds": seconds, "median_seconds": statistics.median(seconds), "min_seconds": min(seconds),
+                   "cpu_seconds": cpu[name], "median_cpu_seconds": statistics.median(cpu[name])}
             for name, seconds in times.items()}
 
 
@@ -172,6 +176,7 @@ def add_ratios(results: dict) -> None:
         if "median_seconds" in value and "median_seconds" in base:
             value["time_vs_plain"] = value["median_seconds"] / base["median_seconds"]
             value["time_vs_plain_of_minima"] = value["min_seconds"] / base["min_seconds"]  # less load-sensitive
+            value["cpu_time_vs_plain"] = value["median_cpu_seconds"] / base["median_cpu_seconds"]
         if value.get("peak_over_model_gib") and base.get("peak_over_model_gib", 0) > 0:
             value["memory_vs_plain"] = value["peak_over_model_gib"] / base["peak_over_model_gib"]
 
@@ -198,9 +203,10 @@ def main():
     report["load_average_at_end"] = os.getloadavg()
     add_ratios(results)
     report["results"] = results
-    print(f"{'method':8s} {'s/batch':>9s} {'x plain':>8s} {'peak GiB':>9s} {'mem x plain':>11s}")
+    print(f"{'method':8s} {'s/batch':>9s} {'x plain':>8s} {'cpu x plain':>11s} {'peak GiB':>9s} {'mem x plain':>11s}")
     for name, value in results.items():
         print(f"{name:8s} {value['median_seconds']:9.4f} {value.get('time_vs_plain', float('nan')):8.2f} "
+              f"{value.get('cpu_time_vs_plain', float('nan')):11.2f} "
               f"{value.get('peak_over_model_gib', float('nan')):9.3f} "
               f"{value.get('memory_vs_plain', float('nan')):11.2f}")
     if args.out:

@@ -62,14 +62,14 @@ class Clock:
     def timed(self, label: str, fn, mark: str | None = None):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = time.process_time()
             if mark is not None:
                 self.marks.setdefault(mark, start)
             with torch.profiler.record_function(label):
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    end = time.perf_counter()
+                    end = time.process_time()
                     self.add(label, end - start)
                     if label == "forward":
                         self.marks["forward_end"] = end
@@ -119,12 +119,12 @@ def build(img_size: int):
 def plain_parts(model, x, y, u) -> dict[str, float]:
     """The plain step (bench_fisher's ``plain``) split into forward + loss and backward."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = time.process_time()
     logits = upsample_logits(model(x).float(), tuple(y.shape[-2:]))
     loss = image_loss(logits, sample_labels(logits, u, y != 255))
-    middle = time.perf_counter()
+    middle = time.process_time()
     loss.backward()
-    return {"forward": middle - start, "backward": time.perf_counter() - middle}
+    return {"forward": middle - start, "backward": time.process_time() - middle}
 
 
 def top_ops(fn, rows: int = 15) -> list[dict]:
@@ -145,13 +145,13 @@ def profile_setting(img_size: int, repeats: int) -> dict:
     rows_engine, rows_plain, totals = [], [], {"engine": [], "plain": []}
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         clock.parts, clock.marks = {}, {}
-        start = time.perf_counter()
+        start = time.process_time()
         engine.squared_gradient_sum(x, y, u)
-        total = time.perf_counter() - start
+        total = time.process_time() - start
         parts = engine_parts(clock, total)
-        start = time.perf_counter()
+        start = time.process_time()
         plain = plain_parts(model, x, y, u)
-        plain_total = time.perf_counter() - start
+        plain_total = time.process_time() - start
         if round_:
             rows_engine.append(parts)
             rows_plain.append(plain)
@@ -172,6 +172,16 @@ def profile_setting(img_size: int, repeats: int) -> dict:
             "top_ops_plain": top_ops(lambda: plain_parts(model, x, y, u))}
 
 
+def linear_traffic(model: torch.nn.Module, images: int) -> dict:
+    """Bytes the Linear rule moves per batch that a training step does not, CPU-independent: every image's fp32
+    weight gradient written (bmm), read and written again (square_), read once more (sum over images) -- against
+    the one fp32 weight gradient a training step writes."""
+    weights = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear)
+    rule = 4 * images * weights * 4
+    return {"linear_weight_elements": weights, "images": images, "rule_gib": rule / 2**30,
+            "weight_gradient_gib": 4 * weights / 2**30, "ratio": rule / (4 * weights)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -182,6 +192,10 @@ def main() -> None:
               "repeats": args.repeats, "timing": "median over interleaved rounds (engine, then plain) after one "
                                                   "warm-up; parts timed by wrappers around the engine's steps"}
     report["settings"] = {name: profile_setting(size, args.repeats) for name, size in SETTINGS.items()}
+    from fisherscan.models.backbone import meta_architecture
+
+    report["linear_rule_traffic"] = {"tiny_vit": linear_traffic(build(96)[0], SMALL["batch"]),
+                                     "vit_l14_batch8": linear_traffic(meta_architecture("dinov2_vitl14"), 8)}
     report["load_average_at_end"] = os.getloadavg()
     for name, setting in report["settings"].items():
         print(f"{name}: engine {setting['engine_seconds']:.4f} s, plain {setting['plain_seconds']:.4f} s "
