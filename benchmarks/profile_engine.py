@@ -14,9 +14,10 @@ is built once (``make_engine``), as ``score`` does. Wrappers installed here (the
   unused probe  the one-image probe for parameters without a path to the loss (cached per engine)
   other         the rest of the call (accumulators, hook set-up and removal)
 
-and splits the plain step (parameters requiring grad) into its forward and its backward. ``--repeats`` interleaved
-rounds (median per part); then one torch.profiler pass each for the engine and the plain step (the top aten ops by
-self CPU time).
+and splits the plain step (parameters requiring grad) into its forward and its backward. Times are the process's
+CPU time (``time.process_time``: other jobs on a shared machine inflate it less than wall time), the median per part
+over ``--repeats`` interleaved rounds; then one torch.profiler pass each for the engine and the plain step (the top
+aten ops by self CPU time), and the Linear rule's memory traffic (``linear_traffic``) for this model and ViT-L/14.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_engine.py --out benchmarks/results/engine_profile_cpu.json
 """
