@@ -7,8 +7,8 @@ GTA5-sized PNGs with its images/s and data-wait share.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
-import multiprocessing
 import re
 import subprocess
 import sys
@@ -215,21 +215,18 @@ def _write_pair(job: tuple[Path, int, tuple[int, int]]) -> None:
     image = np.clip(image + rng.integers(-6, 7, image.shape), 0, 255).astype(np.uint8)
     labels = rng.integers(0, 19, (height // 64 + 1, width // 64 + 1), dtype=np.uint8)
     label = Image.fromarray(labels).resize((width, height), Image.NEAREST)
-    Image.fromarray(image).save(folder / "images" / f"frame_{index:05d}.png", compress_level=6)
+    Image.fromarray(image).save(folder / "images" / f"frame_{index:05d}.png", compress_level=1)  # fast to write
     label.save(folder / "labels" / f"frame_{index:05d}.png")
 
 
-def write_generic_pngs(folder: Path, count: int, size: tuple[int, int], processes: int) -> float:
+def write_generic_pngs(folder: Path, count: int, size: tuple[int, int], threads: int) -> float:
     """``count`` image/label PNG pairs of ``size`` in the generic layout (images/ + labels/); mean image MB."""
     for sub in ("images", "labels"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(folder, i, size) for i in range(count)]
-    if processes > 1 and count > processes:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:  # numpy and PIL only in the workers
-            pool.map(_write_pair, jobs)
-    else:
-        for job in jobs:
-            _write_pair(job)
+    # threads: PIL's encoder and numpy release the GIL, and nothing is forked from a process holding CUDA
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(_write_pair, jobs))
     files = list((folder / "images").glob("*.png"))
     return sum(f.stat().st_size for f in files) / max(len(files), 1) / 2**20
 
