@@ -91,7 +91,7 @@ TARGETS = {"engine_time_vs_plain": 1.15, "engine_memory_vs_plain": 1.3, "engine_
            "engine_fused_memory_vs_plain": 1.3, "tune_masked_vs_full": 1.05, "data_wait_share": 0.10}
 
 
-def set_trainable(model: Segmenter, backbone: bool | list[str], decoder: bool) -> None:
+def set_trainable(model: Segmenter, backbone: bool | set[str], decoder: bool) -> None:
     """requires_grad: every backbone parameter (True), none (False) or those named; the decoder's all or none."""
     for name, p in model.backbone.named_parameters():
         p.requires_grad_(backbone if isinstance(backbone, bool) else name in backbone)
@@ -152,7 +152,8 @@ def method_factory(name: str, model: Segmenter, x, y, u, autocast):
         masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in backbone.items()}
     opts = [MaskedAdamW({n: backbone[n] for n in masks}, masks),
             MaskedAdamW(decoder, {n: torch.ones_like(p, dtype=torch.bool) for n, p in decoder.items()})]
-    return lambda: (set_trainable(model, list(masks), True), tune_step(model, x, y, autocast, opts))
+    touched = set(masks)
+    return lambda: (set_trainable(model, touched, True), tune_step(model, x, y, autocast, opts))
 
 
 def peak_of(run, device: torch.device) -> dict:
