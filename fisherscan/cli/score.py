@@ -28,7 +28,16 @@ def report_scores(result, out: Path) -> None:
         stdout.print(reliability_table(meta["reliability"]))
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if result.timing:
+        stdout.print(timing_line(result.timing), markup=False, highlight=False, soft_wrap=True)
     print_paths(("scores", out), ("head", result.head_path), ("table", csv_path))
+
+
+def timing_line(timing: dict) -> str:
+    """The scoring loop's speed and the share of it spent waiting for images (raise --workers when it is large)."""
+    return (f"timing: {timing['images']} images in {timing['loop_seconds']:.2f} s ({timing['images_per_second']:.2f} "
+            f"images/s); waiting for data {timing['data_wait_share']:.1%} of it "
+            f"({timing['data_wait_seconds']:.2f} s, {timing['first_batch_wait_seconds']:.2f} s before the first batch)")
 
 
 CONFIG_HELP = ("TOML or JSON file of options, keys = the option names with underscores (batch_size = 4); a run's "

@@ -27,13 +27,16 @@ ENGINES = ("hooks", "vmap")
 
 
 def make_engine(model: nn.Module, engine: str = "hooks", chunk_size: int = 8,
-                params: dict[str, torch.Tensor] | None = None) -> HookEngine | VmapEngine:
+                params: dict[str, torch.Tensor] | None = None, fused: bool = False) -> HookEngine | VmapEngine:
     """The per-image gradient engine for ``params`` (default: every parameter with requires_grad) of ``model``;
-    build it once and call ``squared_gradient_sum`` per batch."""
+    build it once and call ``squared_gradient_sum`` per batch. ``fused`` (hooks only, experimental): Linear
+    weights by the fused Triton kernel of ``fisherscan.fisher.fused`` where it can run."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     params = trainable_parameters(model) if params is None else params
-    return (HookEngine if engine == "hooks" else VmapEngine)(model, params, chunk_size)
+    if engine == "hooks":
+        return HookEngine(model, params, chunk_size, fused=fused)
+    return VmapEngine(model, params, chunk_size)
 
 
 def squared_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None,

@@ -1,7 +1,9 @@
 """Exact per-image squared gradients (Eq. 9) at about the cost of one training step: the hook engine.
 
-One batched forward and one backward per batch. The parameters do not require grad -- the input does -- so
-autograd computes only activation gradients and skips the weight-gradient matmuls. Forward hooks keep each
+One batched forward and one backward per batch. Neither the parameters nor the image require grad: the output of
+the first scored layer becomes the autograd leaf, so autograd computes only activation gradients, from the loss
+back to that layer, and skips the weight-gradient matmuls (a model that writes in place into that output makes
+the engine take the image as the leaf instead, for good). Forward hooks keep each
 scored layer's input; a hook on the layer's output receives the gradient g = d(sum_i loss_i)/d output, whose
 rows for image i are d loss_i / d output_i, because each image's loss depends on that image alone (eval mode;
 Eq. 6's batch spread is held constant). The layer's rule (``fisherscan.fisher.rules``) turns (input, g) into
@@ -18,6 +20,9 @@ outside its module, a recompute that cannot be done) is computed exactly on the 
 restricted to those parameters (``fisherscan.fisher.vmap``, "fallback"). Parameters with no path to the loss are
 found once per engine and get exact zeros ("unused"). ``HookEngine.visits`` records which way each parameter went.
 Build one engine per model and run; it holds no batch between calls.
+
+``fused=True`` (experimental, off by default) sums a Linear weight's per-image squares in one Triton kernel
+(``fisherscan.fisher.fused``, "linear_fused") instead of materialising the per-image gradients, where it can run.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from torch import nn
 
 from ..models.families import architecture_family
 from ..models.logits import upsample_logits
-from . import rules
+from . import fused, rules
 from .loss import labelled_loss
 from .perturb import TokenShift
 from .vmap import vmap_squared_gradient_sum
 
 FALLBACK = "fallback"
+FUSED = "linear_fused"
 RECOMPUTE = "recompute"
 UNUSED = "unused"
 TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed")
@@ -51,6 +57,18 @@ def _tokens_of(out):
 def _records(tensor) -> bool:
     """Whether a hook should record this forward: grad mode on, a tensor that reaches the loss."""
     return torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) and tensor.requires_grad
+
+
+def _leaf(engine: HookEngine, tensor) -> torch.Tensor | None:
+    """``tensor`` as a new autograd leaf (kept in ``engine.leaves``) when nothing before it needs a gradient: the
+    first scored layer's output, since neither the input image nor any parameter requires grad. The backward then
+    stops there -- no gradient of the image, none through unscored early layers. None: keep ``tensor``."""
+    if (engine.paused or not engine.leaf_mode or not torch.is_grad_enabled() or not isinstance(tensor, torch.Tensor)
+            or tensor.requires_grad or not tensor.is_floating_point()):
+        return None
+    leaf = tensor.detach().requires_grad_(True)
+    engine.leaves.append(leaf)
+    return leaf
 
 
 @dataclass
@@ -76,9 +94,15 @@ class _Site:
             stack.callback(setattr, self.module, attr, getattr(self.module, attr))
             setattr(self.module, attr, value)
 
-    def record(self, engine: HookEngine, args: tuple, *rest) -> None:
-        """Forward hook: keep the input and ask for the output's gradient (once per forward)."""
+    def record(self, engine: HookEngine, args: tuple, *rest) -> torch.Tensor | None:
+        """Forward hook: keep the input and ask for the output's gradient (once per forward); returns the output
+        made a leaf where it is the first to need a gradient (``_leaf``), else None (the output unchanged)."""
         output, kwargs = rest[-1], (rest[0] if len(rest) == 2 else {})
+        leaf = _leaf(engine, output)
+        self.keep(engine, args, kwargs, output if leaf is None else leaf)
+        return leaf
+
+    def keep(self, engine: HookEngine, args: tuple, kwargs: dict, output) -> None:
         if engine.paused or not _records(output):
             return
         self.calls += 1
@@ -110,12 +134,25 @@ class _Site:
         if self.rule == RECOMPUTE:
             self.recompute(engine, x, g, k)
             return
+        if engine.fused and self.rule is rules.linear and "weight" in self.names and fused.available(g):
+            self.fused_linear(engine, x, g)
+            return
         for start in range(0, images, engine.chunk_size):
             n = min(engine.chunk_size, images - start)
             grads = self.rule(self.module, x[start * k:(start + n) * k], g[start * k:(start + n) * k], n)
             for local, value in grads.items():  # rules return tensors of their own: squared in place
                 engine.sums[self.names[local]] += value.float().square_().sum(dim=0)
                 engine.visits[self.names[local]] = self.rule.__name__
+
+    def fused_linear(self, engine: HookEngine, x: torch.Tensor, g: torch.Tensor) -> None:
+        """The Linear rule with its weight's squares summed in one Triton kernel (``fisherscan.fisher.fused``):
+        no per-image weight gradient is materialised; the bias by the rule."""
+        weight = self.names["weight"]
+        fused.add_squared_weight_gradients(engine.sums[weight], g, x, engine.images)
+        engine.visits[weight] = FUSED
+        for local, value in rules.linear_bias(self.module, g, engine.images).items():
+            engine.sums[self.names[local]] += value.square_().sum(dim=0)
+            engine.visits[self.names[local]] = rules.linear.__name__
 
     def recompute(self, engine: HookEngine, x: torch.Tensor, g: torch.Tensor, k: int) -> None:
         """The exact path for a module without a rule: per image, its forward again on that image's rows of the
@@ -173,19 +210,23 @@ class _TokenSite:
         self.embed = lambda x: _tokens_of(original(x))
 
         def pos_embed(x):
-            out = original(x)
-            self.keep(engine, x, out)
-            return out
+            return self.keep(engine, x, original(x))
 
         self.owner._pos_embed = pos_embed
         stack.callback(delattr, self.owner, "_pos_embed")
 
-    def keep(self, engine: HookEngine, x: torch.Tensor, out) -> None:
+    def keep(self, engine: HookEngine, x: torch.Tensor, out):
+        """Keep the tokens ``x`` and ask for the gradient at ``out``'s tokens; returns ``out`` (its tokens a leaf
+        where they are the first to need a gradient)."""
         tensor = _tokens_of(out)
+        leaf = _leaf(engine, tensor)
+        if leaf is not None:
+            tensor, out = leaf, ((leaf, *out[1:]) if isinstance(out, tuple) else leaf)
         if not engine.paused and _records(tensor):
             self.calls += 1
             saved = x.detach()
             tensor.register_hook(lambda g: self.pending.append((saved, g)))
+        return out
 
     def finish(self, engine: HookEngine) -> None:
         """After the backward: per-image gradients of the tokens by ``rules.token_gradients``."""
@@ -266,11 +307,14 @@ def _only_requiring_grad(model: nn.Module, params: list[torch.Tensor]):
 class HookEngine:
     """The hook engine for ``model`` and the scored parameters ``params`` (full name -> parameter)."""
 
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], chunk_size: int = 8):
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], chunk_size: int = 8, fused: bool = False):
         self.model, self.params, self.chunk_size = model, dict(params), max(1, int(chunk_size))
+        self.fused = fused  # Linear weights by the fused Triton kernel where it can run (experimental)
         self.sites, self.token_sites, self.planned = plan_sites(model, self.params)
         self.visits: dict[str, str] = {}
         self.paused = False
+        self.leaf_mode = True  # backward from the first scored layer (False: from the input image, see _leaf)
+        self.leaves: list[torch.Tensor] = []
         self.sums: dict[str, torch.Tensor] = {}
         self.images = 0
         self._unused_cache: dict[tuple[str, ...], set[str]] = {}
@@ -280,22 +324,16 @@ class HookEngine:
                              shift_eps: tuple[torch.Tensor, ...] | None = None,
                              autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """sum_i (d loss_i / d theta)^2 over the images of the batch, fp32, for every scored parameter."""
-        self.images, self.visits = x.shape[0], {}
-        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.images = x.shape[0]
         if shift is not None and shift_eps is None:
             shift_eps = (torch.zeros(self.images, 1), torch.zeros(self.images, 1))
-        with _only_requiring_grad(self.model, []), contextlib.ExitStack() as stack:
-            for site in [*self.sites, *self.token_sites]:
-                site.attach(self, stack)
-            if shift is not None:
-                stack.enter_context(shift)
-                shift.eps = tuple(e.to(x.device) for e in shift_eps)
-            x_in = x.detach().requires_grad_(True)
-            loss = self._loss(x_in, y, uniforms, ignore_index, autocast_dtype)  # sum over images of each one's
-            torch.autograd.grad(loss, x_in)
-            del loss
-            for token in self.token_sites:
-                token.finish(self)
+        try:
+            self._hooked_pass(x, y, uniforms, ignore_index, shift, shift_eps, autocast_dtype)
+        except RuntimeError as error:
+            if not self.leaf_mode or "leaf Variable" not in str(error):
+                raise
+            self.leaf_mode = False  # the model writes in place into a leaf: the backward from the image, for good
+            self._hooked_pass(x, y, uniforms, ignore_index, shift, shift_eps, autocast_dtype)
         sums, self.sums = self.sums, {}
         for site in self.sites:
             if site.failed or site.calls != 1:
@@ -314,6 +352,26 @@ class HookEngine:
                 sums[n] = extra[n]
                 self.visits[n] = FALLBACK
         return sums
+
+    def _hooked_pass(self, x, y, uniforms, ignore_index, shift, shift_eps, autocast_dtype) -> None:
+        """One batched forward and backward with the sites' hooks attached: the rules fill ``self.sums``."""
+        self.visits, self.leaves = {}, []
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        with _only_requiring_grad(self.model, []), contextlib.ExitStack() as stack:
+            for site in [*self.sites, *self.token_sites]:
+                site.attach(self, stack)
+            if shift is not None:
+                stack.enter_context(shift)
+                shift.eps = tuple(e.to(x.device) for e in shift_eps)
+            x_in = x.detach() if self.leaf_mode else x.detach().requires_grad_(True)
+            loss = self._loss(x_in, y, uniforms, ignore_index, autocast_dtype)  # sum over images of each one's
+            targets = self.leaves if self.leaf_mode else [x_in]
+            if loss.requires_grad and targets:
+                torch.autograd.grad(loss, targets, allow_unused=True)
+            del loss
+            self.leaves = []
+            for token in self.token_sites:
+                token.finish(self)
 
     def _loss(self, x, y, uniforms, ignore_index, autocast_dtype) -> torch.Tensor:
         """Eq. 9's loss summed over the batch's images, the model run in ``autocast_dtype`` (or fp32)."""

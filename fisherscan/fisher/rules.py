@@ -64,9 +64,15 @@ def linear(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, images: int) -> 
     """y = x W^T + b on (..., in) tokens: dW_i = sum_t g_it^T x_it (batched matmul), db_i = sum_t g_it."""
     g3 = _tokens(g, images, module.out_features)
     out = {"weight": _bmm(g3.transpose(1, 2), _tokens(x, images, module.in_features).to(g3.dtype))}
-    if module.bias is not None:
-        out["bias"] = g3.float().sum(dim=1)
+    out.update(linear_bias(module, g, images))
     return out
+
+
+def linear_bias(module: nn.Linear, g: torch.Tensor, images: int) -> dict[str, torch.Tensor]:
+    """The Linear rule's bias alone, db_i = sum_t g_it (none without a bias)."""
+    if module.bias is None:
+        return {}
+    return {"bias": _tokens(g, images, module.out_features).float().sum(dim=1)}
 
 
 def _normalized(x: torch.Tensor, dims: int, eps: float) -> torch.Tensor:

@@ -60,6 +60,7 @@ class ScoreResult:
     batches_done: int = 0  # batches scored so far (all runs together), of ``batches_total``
     batches_total: int = 0
     main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
+    timing: dict = field(default_factory=dict)  # the diagonal loop's wall time and data wait (never saved)
 
 
 @dataclass
@@ -291,4 +292,5 @@ def run_score(config: ScoreConfig, console: Console | None = None) -> ScoreResul
         distributed.teardown(ranks)
     return ScoreResult(scores=scores, metadata=metadata, head_path=head_out, notes=run.notes + run.run_notes,
                        partial_path=run.partial_path, batches_done=result.extra.get("batches_done", 0),
-                       batches_total=result.extra.get("batches_total", 0), main=ranks.main)
+                       batches_total=result.extra.get("batches_total", 0), main=ranks.main,
+                       timing=result.extra.get("timing", {}))

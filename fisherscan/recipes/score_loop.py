@@ -163,6 +163,37 @@ def score_batch(engine, state: ScoringState, x: torch.Tensor, y: torch.Tensor, i
     return True
 
 
+class TimedBatches:
+    """A loader's batches, with the wall time since the loader was opened (``started``) and the time spent blocked
+    waiting for them: opening it (worker start-up) and every ``next``; ``first`` is the wait for the first batch."""
+
+    def __init__(self, loader):
+        self.started = time.perf_counter()
+        self.batches = iter(loader)
+        self.waited, self.first, self.calls = time.perf_counter() - self.started, 0.0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            seconds = time.perf_counter() - start
+            self.waited += seconds
+            self.first = self.waited if self.calls == 0 else self.first
+            self.calls += 1
+
+    def record(self, images: int) -> dict:
+        """The loop's wall time and the share of it spent waiting for data (``--workers`` too few when it is
+        large); printed at the end of a run, never saved in the scores (a continued run writes the same bytes)."""
+        loop = time.perf_counter() - self.started
+        return {"loop_seconds": loop, "data_wait_seconds": self.waited, "first_batch_wait_seconds": self.first,
+                "batches": self.calls, "images": images, "data_wait_share": self.waited / max(loop, 1e-9),
+                "images_per_second": images / max(loop, 1e-9)}
+
+
 def _next_part(batches, part: list[int], device: torch.device):
     """This rank's images of the next batch (tensors on ``device``), or the one-line error reading them gave."""
     if not part:
@@ -214,7 +245,7 @@ def run_diagonal(segmenter: Segmenter, engine, shift, dataset, config: ScoreConf
     parts = distributed.rank_parts(total, batch_size, ranks)[first:]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[p for p in parts if p],
                                          num_workers=max(int(config.workers), 0))
-    batches = iter(loader)
+    batches = TimedBatches(loader)
     ranks_note = f" ({ranks.world} ranks)" if ranks.world > 1 else ""
     task = progress.add_task(f"score F(x), F(x'){ranks_note}", total=total, completed=state.next_image, rate="")
     started, done_here = time.perf_counter(), 0
@@ -240,8 +271,10 @@ def run_diagonal(segmenter: Segmenter, engine, shift, dataset, config: ScoreConf
             save(state)
         if stopping:
             extra.update(stopped=True, batches_done=g + 1, images=state.total().clean.images,
-                         bad_batches=state.bad_batches)
+                         bad_batches=state.bad_batches,
+                         timing=batches.record(state.next_image - first * batch_size))
             return Estimate(None, None, 0.0, extra)
+    extra["timing"] = batches.record(state.next_image - first * batch_size)
     return _finish(state, ranks, device, extra)
 
 

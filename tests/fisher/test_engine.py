@@ -210,3 +210,50 @@ def test_modules_without_rules_are_recomputed_or_fall_back():
                              "norm.bias": RECOMPUTE, "side.weight": FALLBACK}
     model.side.bias.requires_grad_(False)
     assert_close_dicts({n: v / 3 for n, v in got.items()}, brute_force_fisher(model, [(x, y)]))
+
+
+def test_the_backward_starts_at_the_first_scored_layer():
+    """Nothing before the first scored layer needs a gradient: its output becomes the autograd leaf (no gradient
+    of the image, none through the unscored blocks). Scoring block 1 alone gives block 1's exact squares.
+    Oracle: the brute-force loop with only those parameters requiring grad."""
+    model, size = build("dinov2")
+    x, y = images(size, seed=7)
+    block = {n: p for n, p in model.named_parameters() if n.startswith("backbone.blocks.1.")}
+    engine = HookEngine(model, block, chunk_size=2)
+    got = {n: v / 3 for n, v in engine.squared_gradient_sum(x, y).items()}
+    assert engine.leaf_mode and set(engine.visits.values()) <= {"linear", "layer_norm", "layer_scale"}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in block)
+        want = brute_force_fisher(model, [(x, y)])
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    assert_close_dicts(got, want)
+
+
+def test_a_model_writing_in_place_into_the_first_output_takes_the_gradient_of_the_image():
+    """An autograd leaf cannot be changed in place: the engine notices and backpropagates from the image instead
+    (for good). Oracle: the brute-force loop."""
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            t = self.conv(x)
+            t.mul_(2.0)
+            return self.head(torch.tanh(t))
+
+    torch.manual_seed(0)
+    model = InPlace()
+    x, y = torch.randn(3, 3, 4, 4), torch.randint(0, 4, (3, 4, 4))
+    engine = HookEngine(model, trainable_parameters(model))
+    got = engine.squared_gradient_sum(x, y)
+    assert not engine.leaf_mode and engine.visits["conv.weight"] == "conv2d"
+    assert_close_dicts({n: v / 3 for n, v in got.items()}, brute_force_fisher(model, [(x, y)]))
+    again = engine.squared_gradient_sum(x, y)  # the second batch goes the image's way at once
+    assert_close_dicts(again, got, rtol=1e-6)

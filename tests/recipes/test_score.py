@@ -165,6 +165,38 @@ def test_score_prints_the_output_paths(base):
         assert line.split(None, 1)[1] == str(path), f"{label} line is {line!r}"
 
 
+def test_score_prints_its_loop_timing(base):
+    """Oracle: the run's own numbers -- the line names the 4 images scored and a share between 0 and 100%."""
+    line = next((row for row in base["result"].stdout.splitlines() if row.startswith("timing:")), None)
+    assert line is not None, base["result"].stdout
+    assert line.startswith(f"timing: {IMAGES} images in ")
+    share = float(line.split("waiting for data ")[1].split("%")[0])
+    assert 0 <= share <= 100
+    assert "timing" not in base["meta"]  # never saved: a continued run must write the same bytes
+
+
+def test_timed_batches_count_the_time_blocked_in_next():
+    """Oracle: time.sleep's lower bound -- a loader that sleeps 20 ms before each of 3 batches (30 ms before the
+    first) has been waited on for at least 70 ms, all of it inside the loop's time."""
+    import time
+
+    from fisherscan.recipes.score_loop import TimedBatches
+
+    def slow():
+        for i, pause in enumerate((0.03, 0.02, 0.02)):
+            time.sleep(pause)
+            yield i
+
+    batches = TimedBatches(slow())
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    record = batches.record(images=6)
+    assert record["batches"] == 3 and record["images"] == 6
+    assert record["first_batch_wait_seconds"] >= 0.03
+    assert 0.07 <= record["data_wait_seconds"] <= record["loop_seconds"]
+    assert record["data_wait_share"] == pytest.approx(record["data_wait_seconds"] / record["loop_seconds"])
+    assert record["images_per_second"] == pytest.approx(6 / record["loop_seconds"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # determinism and independence
 
