@@ -26,6 +26,26 @@ def report_scores(result, out: Path) -> None:
     print_paths(("scores", out), ("head", result.head_path), ("table", csv_path))
 
 
+VARIATIONAL_HELP = {  # the same texts as the ScoreConfig fields' (tests/recipes/test_config.py)
+    "tau": "variational: prior std tau around the pretrained weights (Eq. 10); default: picked by a pilot of 4 "
+           "probes, tau^-2 = 0.1 * s * (mean curvature) / gamma",
+    "var_steps": "variational: natural-gradient steps T2 per precision (the pilot's come on top)",
+    "var_curvature": "variational: vogn (per-image squared gradients at perturbed weights: a diagonal Fisher at "
+                     "perturbed weights, one pass per step) or reparam (the antithetic reparameterized Hessian of "
+                     "Eq. 12, two passes per step)",
+    "var_control": "variational, reparam: subtract the control variate (xi^2 - 1) * D from each step's curvature "
+                   "(zero mean, removes the xi^2 noise)",
+    "var_scale": "variational: likelihood scale s (default: picked by the pilot so that the posterior stays narrow, "
+                 "at least the number of images; with --tau, the number of images)",
+    "var_tolerance": "variational: converged when the data part D = Lambda - tau^-2 moved less than this "
+                     "(sum |D_T - D_T/2| / sum |D_T|) over the second half of the steps",
+    "var_legacy": "the variational estimator before the data part was kept apart (Lambda stored with its prior, "
+                  "10%-window test, reparam without control variate): reproduces old score files",
+    "eq15": "variational DR-FIM: printed (Eq. 15's pseudocount gamma tau^-2 / s in Delta F's denominator, gamma "
+            "times the domain term) or substituted (Eq. 14 into Eq. 5/7)",
+}
+
+
 @app.command()
 def score(
     model: str = typer.Option(..., "--model", help="a short name (see fisherscan models), or timm:<name>; "
@@ -52,11 +72,15 @@ def score(
     labels: str = typer.Option("sampled", "--labels", help="sampled (true Fisher) or given (empirical)"),
     estimator: str = typer.Option("diagonal", "--estimator", help="diagonal (exact Eq. 9) or variational (Eq. 10-15)"),
     gamma: float = typer.Option(1.0, "--gamma", help="variational: KL weight (Eq. 11)"),
-    tau: float = typer.Option(1e-3, "--tau", help="variational: prior std around the pretrained weights (Eq. 10)"),
-    var_steps: int = typer.Option(500, "--var-steps", help="variational: optimisation steps T2 per precision"),
+    tau: Optional[float] = typer.Option(None, "--tau", help=VARIATIONAL_HELP["tau"]),
+    var_steps: int = typer.Option(200, "--var-steps", help=VARIATIONAL_HELP["var_steps"]),
+    var_curvature: str = typer.Option("vogn", "--var-curvature", help=VARIATIONAL_HELP["var_curvature"]),
+    var_control: bool = typer.Option(True, "--var-control/--no-var-control", help=VARIATIONAL_HELP["var_control"]),
     var_lr: float = typer.Option(0.0, "--var-lr", help="variational: step size (0: running average)"),
-    var_scale: Optional[float] = typer.Option(None, "--var-scale",
-                                              help="variational: likelihood scale (default: images)"),
+    var_scale: Optional[float] = typer.Option(None, "--var-scale", help=VARIATIONAL_HELP["var_scale"]),
+    var_tolerance: float = typer.Option(0.05, "--var-tolerance", help=VARIATIONAL_HELP["var_tolerance"]),
+    var_legacy: bool = typer.Option(False, "--var-legacy", hidden=True, help=VARIATIONAL_HELP["var_legacy"]),
+    eq15: str = typer.Option("printed", "--eq15", help=VARIATIONAL_HELP["eq15"]),
     perturb_at: int = typer.Option(0, "--perturb-at", help="block whose input tokens get Eq. 6"),
     normalize: bool = typer.Option(True, "--normalize/--literal",
                                    help="docs/method.md normalisation or the literal Eq. 7"),
@@ -82,21 +106,12 @@ def score(
                                                             "instead of stopping"),
 ) -> None:
     """Per-parameter Fisher (Eq. 9) and DR-FIM (Eq. 7) scores of a ViT backbone -> safetensors."""
+    options = dict(locals())  # every parameter is a ScoreConfig field of the same name
     from ..recipes.config import ScoreConfig
     from ..recipes.score import run_score
 
     with user_errors():
-        config = ScoreConfig(model=model, data=data, out=out, weights=weights, random_init=random_init,
-                             strict=strict, layout=layout,
-                             split=split, images=images, batch_size=batch_size, crop=crop, decoder=decoder,
-                             feature_blocks=parse_blocks(feature_blocks), head=head,
-                             warmup_steps=warmup_steps, warmup_lr=warmup_lr, labels=labels, estimator=estimator,
-                             gamma=gamma, tau=tau, var_steps=var_steps, var_lr=var_lr, var_scale=var_scale,
-                             perturb_at=perturb_at,
-                             normalize=normalize, delta_eps=delta_eps, shift_weight=shift_weight, seed=seed,
-                             device=device, workers=workers, chunk_size=chunk_size, overwrite=overwrite,
-                             save_every=save_every, resume=resume, stop_after=stop_after, max_bad_frac=max_bad_frac,
-                             skip_bad=skip_bad)
+        config = ScoreConfig(**{**options, "feature_blocks": parse_blocks(feature_blocks)})
         result = run_score(config, console)
         if not result.main:  # torchrun: rank 0 reports
             return

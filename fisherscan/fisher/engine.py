@@ -273,6 +273,7 @@ class HookEngine:
         self.paused = False
         self.sums: dict[str, torch.Tensor] = {}
         self.images = 0
+        self.last_loss: torch.Tensor | None = None
         self._unused_cache: dict[tuple[str, ...], set[str]] = {}
 
     def squared_gradient_sum(self, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None, *,
@@ -293,6 +294,7 @@ class HookEngine:
             x_in = x.detach().requires_grad_(True)
             loss = self._loss(x_in, y, uniforms, ignore_index, autocast_dtype)  # sum over images of each one's
             torch.autograd.grad(loss, x_in)
+            self.last_loss = loss.detach()  # the batch's summed loss (the VOGN curvature records it)
             del loss
             for token in self.token_sites:
                 token.finish(self)

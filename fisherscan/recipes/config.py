@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fisher.variational import DEFAULT_CURVATURE, DEFAULT_STEPS, PILOT_STEPS, PRIOR_FRACTION, TOLERANCE
 from ..models.groups import CANDIDATE_GROUPS
 
 PANELS = ("model", "data", "method", "variational", "selection", "optimisation", "evaluation", "run control",
@@ -25,7 +26,8 @@ RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_e
 
 def option(default=dataclasses.MISSING, help: str = "", panel: str = "run control", **metadata):
     """A config field with its command-line help and panel (``metadata``: e.g. ``flag="--normalize/--literal"``
-    for a boolean pair, ``hidden=True``)."""
+    for a boolean pair, ``hidden=True``, ``before=value``: the value that reproduces what runs did before the
+    option existed, assumed for a stopped run whose recorded options lack it)."""
     if panel not in PANELS:
         raise ValueError(f"unknown panel {panel!r}")
     return dataclasses.field(default=default, metadata={"help": help, "panel": panel, **metadata})
@@ -76,12 +78,32 @@ class ScoreConfig(RunConfig):
     labels: str = option("sampled", "sampled (the true Fisher) or given (the empirical Fisher)", "method")
     estimator: str = option("diagonal", "diagonal (exact Eq. 9) or variational (Eq. 10-15)", "method")
     gamma: float = option(1.0, "KL weight gamma (Eq. 11)", "variational")
-    tau: float = option(1e-3, "prior std tau around the pretrained weights (Eq. 10)", "variational")
-    var_steps: int = option(500, "optimisation steps T2 per precision", "variational")
+    tau: float | None = option(None, "prior std tau around the pretrained weights (Eq. 10); default: picked by a pilot "
+                                     f"of {PILOT_STEPS} probes, tau^-2 = {PRIOR_FRACTION} * s * (mean curvature) / "
+                                     "gamma", "variational")
+    var_steps: int = option(DEFAULT_STEPS, "natural-gradient steps T2 per precision (the pilot's come on top)",
+                            "variational")
+    var_curvature: str = option(DEFAULT_CURVATURE, "vogn (per-image squared gradients at perturbed weights: a "
+                                                   "diagonal Fisher at perturbed weights, one pass per step) or "
+                                                   "reparam (the antithetic reparameterized Hessian of Eq. 12, two "
+                                                   "passes per step)", "variational",
+                                before="reparam")
+    var_control: bool = option(True, "reparam: subtract the control variate (xi^2 - 1) * D from each step's "
+                                     "curvature (zero mean, removes the xi^2 noise)", "variational",
+                               flag="--var-control/--no-var-control", before=False)
     var_lr: float = option(0.0, "step size (0: running average)", "variational")
-    var_scale: float | None = option(None, "likelihood scale (default: the number of images)", "variational")
-    var_tolerance: float = option(0.05, "converged when Lambda's mean relative change over the last 10% of the steps "
-                                        "is below this", "variational")
+    var_scale: float | None = option(None, "likelihood scale s (default: picked by the pilot so that the posterior "
+                                           "stays narrow, at least the number of images; with --tau, the number of "
+                                           "images)", "variational")
+    var_tolerance: float = option(TOLERANCE, "converged when the data part D = Lambda - tau^-2 moved less than this "
+                                              "(sum |D_T - D_T/2| / sum |D_T|) over the second half of the steps",
+                                  "variational")
+    var_legacy: bool = option(False, "the variational estimator before the data part was kept apart (Lambda stored "
+                                     "with its prior, 10%-window test, reparam without control variate): reproduces "
+                                     "old score files", "variational", hidden=True, before=True)
+    eq15: str = option("printed", "variational DR-FIM: printed (Eq. 15's pseudocount gamma tau^-2 / s in Delta F's "
+                                  "denominator, gamma times the domain term) or substituted (Eq. 14 into Eq. 5/7)",
+                       "method", before="substituted")
     perturb_at: int = option(0, "block whose input tokens get Eq. 6", "method")
     normalize: bool = option(True, "divide F by its candidate mean before Eq. 5/7 (docs/method.md), or the literal "
                                    "formula", "method", flag="--normalize/--literal")
@@ -127,7 +149,15 @@ class TuneConfig(RunConfig):
     save_every: int = option(100, "steps between resumable checkpoints", "run control")
 
 
+def options_before() -> dict:
+    """Option name -> the value that reproduces runs made before the option existed (``option(before=...)``)."""
+    return {f.name: f.metadata["before"] for cls in (ScoreConfig, TuneConfig) for f in dataclasses.fields(cls)
+            if "before" in f.metadata}
+
+
 def changed_options(saved: dict, now: dict) -> list[str]:
-    """The recorded options (JSON) of a stopped run that differ from this run's, ``RESUME_SAFE`` left out."""
+    """The recorded options (JSON) of a stopped run that differ from this run's, ``RESUME_SAFE`` left out; an option
+    the recording lacks counts as its ``before`` value (runs made before it existed)."""
+    saved = {**{k: v for k, v in options_before().items() if k in now and k not in saved}, **saved}
     keys = (set(saved) | set(now)) - set(RESUME_SAFE)
     return sorted(k for k in keys if saved.get(k) != now.get(k))

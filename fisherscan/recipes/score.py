@@ -33,8 +33,9 @@ from ..data.labels import NUM_CLASSES
 from ..data.layouts import find_pairs, select_images
 from ..errors import FisherscanError
 from ..fisher.diagonal import make_engine
-from ..fisher.drfim import default_delta_eps, dr_fim_terms, shift_weight
+from ..fisher.drfim import default_delta_eps, dr_fim_terms, eq15_pseudocount, shift_weight, variational_dr_fim_terms
 from ..fisher.loss import LABEL_MODES
+from ..fisher.variational import CURVATURES
 from ..io import options_json
 from ..models.backbone import Backbone, build_backbone
 from ..models.groups import candidate_names, parameter_groups
@@ -46,10 +47,11 @@ from . import checkpoint, distributed
 from .config import ScoreConfig
 from .distributed import Ranks
 from .score_loop import Estimate, all_finite, new_state, run_diagonal
-from .score_variational import run_variational
+from .score_variational import run_variational, total_steps
 from .warmup import warm_up_decoder
 
 ESTIMATORS = ("diagonal", "variational")
+EQ15_MODES = ("printed", "substituted")
 # run control, left out of the scores file's options so a continued run writes the same file as an uninterrupted one
 RUN_CONTROL = ("resume", "stop_after", "save_every")
 
@@ -93,8 +95,7 @@ def check_config(config: ScoreConfig) -> None:
     """Option mistakes, found before any work is done."""
     if config.estimator not in ESTIMATORS:
         raise FisherscanError(f"--estimator {config.estimator}: use one of {', '.join(ESTIMATORS)}")
-    if config.gamma <= 0 or config.tau <= 0 or config.var_steps < 1 or not 0 <= config.var_lr < 1:
-        raise FisherscanError("--gamma and --tau must be > 0, --var-steps >= 1 and 0 <= --var-lr < 1")
+    check_variational(config)
     if config.labels not in LABEL_MODES:
         raise FisherscanError(f"--labels {config.labels}: use one of {', '.join(LABEL_MODES)}")
     for option, value in (("--batch-size", config.batch_size), ("--crop", config.crop), ("--chunk-size",
@@ -128,6 +129,31 @@ def check_config(config: ScoreConfig) -> None:
     if not os.access(Path(config.out).resolve().parent, os.W_OK):
         raise FisherscanError(f"--out {config.out}: folder {Path(config.out).parent} is not writable; choose another "
                               "--out or fix its permissions")
+
+
+def check_variational(config: ScoreConfig) -> None:
+    """The variational options' mistakes (checked for every estimator: they are recorded either way)."""
+    def positive(value) -> bool:
+        return math.isfinite(value) and value > 0
+
+    if not positive(config.gamma):
+        raise FisherscanError(f"--gamma {config.gamma}: must be a finite number > 0")
+    if config.tau is not None and not positive(config.tau):
+        raise FisherscanError(f"--tau {config.tau}: must be a finite number > 0 (leave it out to pick it by a pilot)")
+    if config.var_steps < 1:
+        raise FisherscanError(f"--var-steps {config.var_steps}: must be at least 1")
+    if not 0 <= config.var_lr < 1:
+        raise FisherscanError(f"--var-lr {config.var_lr}: must lie in [0, 1)")
+    if config.var_scale is not None and not positive(config.var_scale):
+        raise FisherscanError(f"--var-scale {config.var_scale}: must be a finite number > 0")
+    if not positive(config.var_tolerance):
+        raise FisherscanError(f"--var-tolerance {config.var_tolerance}: must be a finite number > 0")
+    if config.var_curvature not in CURVATURES:
+        raise FisherscanError(f"--var-curvature {config.var_curvature}: use one of {', '.join(CURVATURES)}")
+    if config.eq15 not in EQ15_MODES:
+        raise FisherscanError(f"--eq15 {config.eq15}: use one of {', '.join(EQ15_MODES)}")
+    if config.var_legacy and (config.var_curvature != "reparam" or config.tau is None):
+        raise FisherscanError("--var-legacy reproduces the old estimator: pass --var-curvature reparam and a --tau")
 
 
 def set_up(config: ScoreConfig, ranks: Ranks, device: torch.device) -> ScoreRun:
@@ -208,7 +234,7 @@ def resume_estimator(run: ScoreRun):
     state = checkpoint.restore_variational_partial(run.partial_path, run.partial, run.segmenter, run.config,
                                                    likelihood_scale(run))
     run.run_notes.append(f"continued the stopped run in {run.partial_path} from variational step "
-                         f"{state['global_step']} of {2 * run.config.var_steps} (its head and fits; no new warm-up)")
+                         f"{state['global_step']} of {total_steps(run.config)} (its head and fits; no new warm-up)")
     return state
 
 
@@ -235,13 +261,19 @@ def estimate(run: ScoreRun, state, warmup: dict, progress: Progress) -> Estimate
                            resume=state, save=save_fit)
 
 
-def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
-            candidates: list[str]) -> tuple[dict, dict]:
-    """Eq. 5 and Eq. 7 with the decided normalisation, relative eps and shift weight (``fisherscan.fisher.drfim``)."""
+def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig, candidates: list[str],
+            prior: dict | None = None) -> tuple[dict, dict]:
+    """Eq. 5 and Eq. 7 with the decided normalisation, relative eps and shift weight (``fisherscan.fisher.drfim``);
+    with ``prior`` (the variational fit's gamma, tau and likelihood scale) and ``--eq15 printed``, Eq. 15."""
     weight = config.shift_weight if config.shift_weight is not None else shift_weight(magnitude)
     eps = config.delta_eps if config.delta_eps is not None else default_delta_eps(config.normalize)
+    printed = prior is not None and config.eq15 == "printed"
     try:
-        delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps)
+        if printed:
+            delta, drfim, scale = variational_dr_fim_terms(f_clean, f_shift, weight, normalize=config.normalize,
+                                                           candidates=candidates, eps=eps, **prior)
+        else:
+            delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps)
     except ValueError:
         raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") \
             from None
@@ -251,6 +283,17 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
              "shift": {"magnitude": magnitude, "weight": weight, "weight_overridden": config.shift_weight is not None,
                        "definition": "s = mean over images and channels of (|alpha-mu| + |beta-sigma|) / sigma; "
                                      "weight = exp(-s)"}}
+    if prior is not None:
+        terms["eq15"] = {"mode": config.eq15}
+        if printed:
+            pseudocount = eq15_pseudocount(**prior)
+            terms["eq15"].update(pseudocount=pseudocount, pseudocount_normalized=pseudocount / scale,
+                                 domain_factor=prior["gamma"],
+                                 formula="Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + gamma tau^-2 / s + eps), "
+                                         "DRF = F(x) + w * gamma * Delta F; F and the pseudocount divided by the "
+                                         "normalisation scale alike")
+        else:
+            terms["eq15"]["formula"] = "Eq. 14 substituted into Eq. 5/7 (no pseudocount)"
     return scores, terms
 
 
@@ -265,7 +308,11 @@ def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
     def strip(by_name: dict) -> dict:  # backbone names, on the CPU
         return {name.removeprefix("backbone."): value.cpu() for name, value in by_name.items()}
 
-    scores, terms = combine(strip(result.f_clean), strip(result.f_shift), result.magnitude, config, candidates)
+    prior = None
+    if config.estimator == "variational":
+        record = extra["variational"]
+        prior = {"gamma": record["gamma"], "tau": record["tau"], "likelihood_scale": record["likelihood_scale"]}
+    scores, terms = combine(strip(result.f_clean), strip(result.f_shift), result.magnitude, config, candidates, prior)
     for kind, by_name in scores.items():  # finite batches can still overflow float32 when summed
         if not all_finite(by_name):
             raise FisherscanError(f"the {kind} scores are not finite (float32 overflow of the gradient sums); "
@@ -273,12 +320,23 @@ def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
     if config.estimator == "variational":
         scores["precision"], scores["precision_shift"] = strip(extra["precision"]), strip(extra["precision_shift"])
         terms["variational"] = extra["variational"]
-        for kind, converged in extra["variational"]["converged"].items():
-            if not converged:
-                notes.append(f"the {kind} precision has not converged (mean relative change "
-                             f"{extra['variational']['relative_change_last_10pct'][kind]:.3f} over the last 10% of "
-                             f"steps > {config.var_tolerance}); raise --var-steps")
+        notes.extend(convergence_notes(extra["variational"], config))
     return scores, score_metadata(run, extra, terms, warmup)
+
+
+def convergence_notes(record: dict, config: ScoreConfig) -> list[str]:
+    """A warning per fit that has not converged, and per fit with skipped steps."""
+    notes = []
+    where = "over the last 10% of steps" if config.var_legacy else "of D = Lambda - tau^-2 over the second half"
+    for kind, converged in record["converged"].items():
+        if not converged:
+            notes.append(f"warning: the {kind} precision has not converged (relative change "
+                         f"{record['relative_change'][kind]:.3f} {where}; tolerance {config.var_tolerance}"
+                         f"{'' if config.var_legacy else ', at least 10 steps'}); raise --var-steps")
+    for kind, bad in record["bad_steps"].items():
+        if bad:
+            notes.append(f"{bad} variational {kind} steps had a non-finite loss or curvature and were skipped")
+    return notes
 
 
 def score_metadata(run: ScoreRun, extra: dict, terms: dict, warmup: dict) -> dict:
