@@ -1,7 +1,8 @@
 """GPU check of the variational estimator and the tune recipe (one prepared script for a lent GPU).
 
-1. Time of one variational step (an antithetic pair: two forward+backward passes at theta_hat +/- sigma*xi, plus
-   the precision update) relative to one plain training step on the same batch, and peak memory: DINOv2 ViT-L/14
+1. Time of one variational step (reparam: an antithetic pair, two forward+backward passes at theta_hat +/- sigma*xi;
+   vogn, the default: one pass of the per-image engine at theta_hat + sigma*xi; plus the update) relative to one
+   plain training step on the same batch, and peak memory: DINOv2 ViT-L/14
    architecture, 518x518, batch 8, bf16 autocast (the issue's "ViT-L on one 80 GB GPU at batch 8, bf16").
 2. bf16 vs fp32: Spearman correlation of the variational Fisher of a small ViT computed both ways (the antithetic
    difference of gradients is where bf16 rounding could hurt).
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import new_report, pick_device, plain_training_step, save_report, sync  # noqa: E402
 
 from fisherscan.fisher.loss import trainable_parameters  # noqa: E402
-from fisherscan.fisher.variational import fit_precision, segmentation_losses  # noqa: E402
+from fisherscan.fisher.variational import fit_precision  # noqa: E402
+from fisherscan.fisher.variational_segmentation import segmentation_losses, segmentation_squares  # noqa: E402
 from fisherscan.models.backbone import build_backbone  # noqa: E402
 from fisherscan.models.segmenter import Segmenter  # noqa: E402
 
@@ -45,9 +47,14 @@ def step_timing(device, spec, crop, batch, repeats) -> dict:
         plain_training_step(model, x, y, u, autocast)
 
     losses = segmentation_losses(model, lambda step: (x, y, u), autocast_dtype=autocast)
+    squares = segmentation_squares(model, lambda step: (x, y, u), autocast_dtype=autocast)
+    params = trainable_parameters(model)
 
     def variational(steps):
-        fit_precision(losses, trainable_parameters(model), gamma=1.0, tau=1e-3, steps=steps, scale=1000.0)
+        fit_precision(losses, params, gamma=1.0, tau=1e-3, steps=steps, scale=1000.0)
+
+    def vogn(steps):
+        fit_precision(squares, params, gamma=1.0, tau=1e-3, steps=steps, scale=1000.0, curvature="vogn")
 
     out = {}
     for name, fn in (("plain_training_step", plain),):
@@ -62,20 +69,21 @@ def step_timing(device, spec, crop, batch, repeats) -> dict:
         out[name] = {"seconds": (time.perf_counter() - start) / repeats,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     model.zero_grad(set_to_none=True)
-    variational(1)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    variational(1 + repeats)
-    sync(device)
-    total = time.perf_counter() - start
     first = out["plain_training_step"]["seconds"]
-    out["variational_step"] = {"seconds": total / (1 + repeats),
-                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    out["variational_step_vs_plain"] = out["variational_step"]["seconds"] / first
-    out["per_pass_vs_plain"] = out["variational_step_vs_plain"] / 2
+    for name, fit, passes in (("variational_step", variational, 2), ("vogn_step", vogn, 1)):
+        fit(1)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fit(1 + repeats)
+        sync(device)
+        out[name] = {"seconds": (time.perf_counter() - start) / (1 + repeats),
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+        out[f"{name}_vs_plain"] = out[name]["seconds"] / first
+        out[f"{name}_per_pass_vs_plain"] = out[f"{name}_vs_plain"] / passes
+    out["per_pass_vs_plain"] = out["variational_step_per_pass_vs_plain"]
     return {"model": spec, "crop": crop, "batch": batch, "autocast": str(autocast), **out}
 
 

@@ -22,7 +22,7 @@ source-domain mIoU alone):
 3. **Score** (Algorithm 1 steps 1-2, ``fisherscan.recipes.score.run_score``): warm up a linear decoder with the backbone
    frozen (``warmup_steps``), then the diagonal estimator on ``score_images`` source images (F(x), F(x') with
    Eq. 6 at block 0, sampled labels, the normalisation of ``docs/method.md``), and the variational estimator (Eq. 10-15,
-   ``var_steps`` steps per precision) from the same warmed head.
+   its defaults: ``var_steps`` steps per precision) from the same warmed head.
 4. **Tune** (Algorithm 1 step 3, ``fisherscan.recipes.tune.run_tune``) from that head on the source data only, every
    strategy with the same steps, batch, learning rate and data order: ``full`` (all backbone parameters),
    ``freeze`` (decoder only), and at the paper's budget (selected fraction of all backbone parameters growing
@@ -60,6 +60,7 @@ from rich.table import Table
 from .. import __version__
 from ..data.synthetic import DOMAINS, write_dataset
 from ..errors import FisherscanError
+from ..fisher.variational import DEFAULT_STEPS
 from ..io import atomic_target
 from ..recipes.config import ScoreConfig, TuneConfig
 from ..recipes.score import run_score
@@ -93,7 +94,7 @@ class BenchConfig:
     val_images: int = 32
     warmup_steps: int = 200
     warmup_lr: float = 3e-3
-    var_steps: int = 60
+    var_steps: int = DEFAULT_STEPS  # the estimator's one default (60 before the VOGN curvature)
     tune_steps: int = 160
     batch_size: int = 8
     lr: float = 1e-3
