@@ -277,8 +277,9 @@ def _fit_step(losses, means: dict, fit: _Fit, options: FitOptions, noise: torch.
     if options.legacy:
         sampling = {n: v.clamp_min(prior) for n, v in fit.stored.items()}
     else:
-        sampling = {n: (v + prior).clamp_min(prior) for n, v in fit.stored.items()}
+        sampling = {n: (v + prior).clamp_min_(prior) for n, v in fit.stored.items()}
     h, xis, _, expected = _curvature(losses, means, sampling, options.curvature, noise, step)
+    del sampling
     if not _finite(h, expected):
         fit.bad_steps += 1
         if on_bad is not None:
@@ -288,12 +289,14 @@ def _fit_step(losses, means: dict, fit: _Fit, options: FitOptions, noise: torch.
     kl_every = max(1, steps // 20)
     with torch.no_grad():
         for name, curvature in h.items():
-            target = fit.scale * curvature / options.gamma
             if options.legacy:
-                target = target + prior
-            elif options.control and xis is not None:  # zero mean: E[xi^2] = 1, D is fixed before xi is drawn
-                target = target - (xis[name] ** 2 - 1.0) * fit.stored[name].clamp_min(0.0)
-            fit.stored[name].mul_(1.0 - rho).add_(rho * target)
+                target = fit.scale * curvature / options.gamma + prior
+                fit.stored[name].mul_(1.0 - rho).add_(rho * target)
+                continue
+            target = curvature.mul_(fit.scale / options.gamma)
+            if options.control and xis is not None:  # zero mean: E[xi^2] = 1, D is fixed before xi is drawn
+                target.sub_(xis[name].square_().sub_(1.0).mul_(fit.stored[name].clamp_min(0.0)))
+            fit.stored[name].lerp_(target, rho)
         if t % kl_every == 0 or t == steps - 1:  # a full pass over Lambda: not every step
             if options.legacy:
                 log_precision = {n: v.clamp_min(prior).log() for n, v in fit.stored.items()}
@@ -312,7 +315,7 @@ def _curvature(losses, means: dict, precision: dict, curvature: str, noise: torc
     xis, sigmas, plus, minus = {}, {}, {}, {}
     for name, mean in means.items():
         xis[name] = torch.randn(mean.shape, generator=noise, device=mean.device, dtype=torch.float32)
-        sigmas[name] = precision[name].rsqrt()
+        sigmas[name] = precision[name].rsqrt_()  # the caller's temporary
         offset = (sigmas[name] * xis[name]).to(mean.dtype)
         plus[name] = (mean + offset).requires_grad_(curvature == "reparam")
         if curvature == "reparam":
@@ -331,8 +334,10 @@ def _curvature(losses, means: dict, precision: dict, curvature: str, noise: torc
 
 
 def _finite(h: dict[str, torch.Tensor], expected: float) -> bool:
-    """True when the loss and every curvature element are finite (one device sync)."""
-    return math.isfinite(expected) and bool(torch.stack([v.isfinite().all() for v in h.values()]).all())
+    """True when the loss and every curvature element are finite (one device sync): a sum is finite exactly when
+    its terms are (short of an overflow of the sum itself, which would count as non-finite)."""
+    return math.isfinite(expected) and bool(torch.stack([v.sum(dtype=torch.float32) for v in h.values()])
+                                            .isfinite().all())
 
 
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -59,30 +59,26 @@ def segmentation_squares(model: nn.Module, next_batch: Callable[[int], tuple], *
     """The VOGN curvature (``curvature="vogn"``): the mean over the batch's images of the squared per-image gradient
     of Eq. 9's loss at the perturbed parameters, by the per-image engine, and the batch's mean loss there.
 
-    The perturbed values are copied into the model's parameters for the pass and the originals copied back (bit for
-    bit). ``next_batch(step)`` as in ``segmentation_losses``; with ``shift`` (Eq. 6), ``next_batch`` sets its
-    spread and ``shift.eps`` for the batch and the engine applies it.
+    The model's parameters point at the perturbed values for the pass and at their own storage again afterwards
+    (no copy; the originals are never written). ``next_batch(step)`` as in ``segmentation_losses``; with ``shift``
+    (Eq. 6), ``next_batch`` sets its spread and ``shift.eps`` for the batch and the engine applies it.
     """
     engine = make_engine(model, chunk_size=chunk_size)
     params = engine.params
-    kept: dict[str, torch.Tensor] = {}
 
     def squares(perturbed, step):
         x, y, uniforms = next_batch(step)
-        if not kept:
-            kept.update({n: p.detach().clone() for n, p in params.items()})
+        kept = {name: p.data for name, p in params.items()}  # the original storage, never written
         try:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(perturbed[name])
+            for name, p in params.items():
+                p.data = perturbed[name]
             sums = engine.squared_gradient_sum(x, y, uniforms, ignore_index=ignore_index, autocast_dtype=autocast_dtype,
                                                shift=shift, shift_eps=None if shift is None else shift.eps)
         finally:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(kept[name])
+            for name, p in params.items():
+                p.data = kept[name]
         batch = x.shape[0]
-        return {n: v / batch for n, v in sums.items()}, engine.last_loss / batch
+        return {n: v.div_(batch) for n, v in sums.items()}, engine.last_loss / batch
 
     return squares
 
