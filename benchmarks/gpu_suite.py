@@ -18,8 +18,10 @@ atomically after each one, so a run cut short keeps what it measured, and a sect
      engine       the hook engine (``make_engine(model, "hooks")``), the default of ``score``
      engine_fused the same with the experimental fused Triton kernel for Linear weights (``fused=True``)
      vmap         torch.func vmap(grad) (``make_engine(model, "vmap")``)
-     variational  one step of ``fisherscan.fisher.variational.fit_precision`` (an antithetic pair: two forward +
-                  backward passes); ``per_pass_vs_plain`` is half its time over plain's
+     variational  one step of ``fisherscan.fisher.variational.fit_precision`` with the reparam curvature (an
+                  antithetic pair: two forward + backward passes); ``per_pass_vs_plain`` is half its time over plain's
+     variational_vogn  one step with the VOGN curvature (the default: per-image squares at perturbed weights by the
+                  engine, one pass)
      tune_full    one step of the tune recipe with every backbone element selected: forward, the decoder's
                   training loss, backward, the finite check, MaskedAdamW steps (backbone all-true masks + decoder)
      tune_masked  the same with a random 5% of all backbone elements selected among Q/K/V/FFN (the paper's budget)
@@ -71,14 +73,17 @@ SPEED = {  # name -> (model spec, input side)
 }
 SMALL_SPEED = {"tiny_vit_96": ("timm:vit_small_patch16_224?depth=4&embed_dim=128&num_heads=4&patch_size=8"
                                "&init_values=0.01", 96)}
-METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "tune_full", "tune_masked", "tune_adamw")
+METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "variational_vogn", "tune_full", "tune_masked",
+           "tune_adamw")
 ABOUT = {
     "plain": "forward + backward of the batch with weight gradients, summed pixel CE on sampled labels",
     "engine": "hook engine, make_engine(model, 'hooks', chunk_size=batch), backbone scored",
     "engine_fused": "the same with fused=True: Linear weights by the Triton kernel of fisherscan.fisher.fused "
                     "(where it cannot run, the PyTorch rule: see engine_paths)",
     "vmap": "torch.func vmap(grad), make_engine(model, 'vmap', chunk_size=batch)",
-    "variational": "fit_precision(steps=1): an antithetic pair, two forward+backward passes (per_pass_vs_plain)",
+    "variational": "fit_precision(steps=1), reparam: an antithetic pair, two forward+backward passes "
+                   "(per_pass_vs_plain)",
+    "variational_vogn": "fit_precision(steps=1), vogn (the default): per-image squares at perturbed weights, one pass",
     "tune_full": "tune step: decoder training loss, backward, finite check, MaskedAdamW with all-true masks",
     "tune_masked": "the same with a random 5% of all backbone elements (among Q/K/V/FFN) selected",
     "tune_adamw": "the full step with torch.optim.AdamW (foreach)",
@@ -135,13 +140,18 @@ def method_factory(name: str, model: Segmenter, x, y, u, autocast):
         engine = make_engine(model, "vmap" if name == "vmap" else "hooks", chunk_size=x.shape[0],
                              fused=name == "engine_fused")
         return lambda: engine.squared_gradient_sum(x, y, u, autocast_dtype=autocast)
-    if name == "variational":
-        from fisherscan.fisher.variational import fit_precision, segmentation_losses
+    if name in ("variational", "variational_vogn"):
+        from fisherscan.fisher.variational import fit_precision
+        from fisherscan.fisher.variational_segmentation import segmentation_losses, segmentation_squares
 
         set_trainable(model, True, False)
         means = {f"backbone.{n}": p for n, p in backbone.items()}
-        losses = segmentation_losses(model, lambda step: (x, y, u), autocast_dtype=autocast)
-        return lambda: fit_precision(losses, means, gamma=1.0, tau=1e-3, steps=1, scale=1000.0,
+        vogn = name == "variational_vogn"
+        likelihood = (segmentation_squares(model, lambda step: (x, y, u), autocast_dtype=autocast,
+                                           chunk_size=x.shape[0]) if vogn else
+                      segmentation_losses(model, lambda step: (x, y, u), autocast_dtype=autocast))
+        return lambda: fit_precision(likelihood, means, gamma=1.0, tau=1e-3, steps=1, scale=1000.0,
+                                     curvature="vogn" if vogn else "reparam",
                                      generator=torch.Generator().manual_seed(0))
     if name == "tune_adamw":
         opt = torch.optim.AdamW([*backbone.values(), *decoder.values()], lr=1e-4, weight_decay=0.05)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FisherscanError
+from ..fisher.variational import DEFAULT_STEPS
 from .pretrain import PRETRAIN_STYLES, PretrainConfig
 
 PROTOCOL_VERSION = 2
@@ -86,7 +87,7 @@ class BenchConfig:
     decoder: str = DECODER
     warmup_steps: int = WARMUP_STEPS
     warmup_lr: float = WARMUP_LR
-    var_steps: int = 60
+    var_steps: int = DEFAULT_STEPS  # the variational estimator's one default (60 before the VOGN curvature)
     tune_steps: int = TUNE_STEPS
     batch_size: int = BATCH_SIZE
     lr: float = BACKBONE_LR

@@ -1,4 +1,5 @@
-"""The domain-related Fisher: Delta F (Eq. 5) and DR-FIM (Eq. 7), with the decisions the paper leaves open.
+"""The domain-related Fisher: Delta F (Eq. 5), DR-FIM (Eq. 7) and its variational form (Eq. 15), with the decisions
+the paper leaves open.
 
     Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps)                   (Eq. 5)
     DRF     = F(x) + w * Delta F,   w = exp(-(eps_mu + eps_sigma))         (Eq. 7)
@@ -9,10 +10,18 @@ the normalised values (``combine="sum"``) or on their ranks over the candidate e
 term replaced by its average rank divided by the number of candidates, so both lie in (0, 1]; unit-free; other
 elements 0).
 
+Eq. 15 as printed, with F = gamma (Lambda - tau^-2) / s (Eq. 14) substituted, keeps the prior precision in the
+denominator: a pseudocount c = gamma tau^-2 / s (the prior in the units of F) that damps Delta F where F is small,
+and gamma multiplies the domain term:
+
+    Delta F_15 = |F(x) - F(x')| / (min(F(x), F(x')) + c + eps),  DRF = F(x) + w * gamma * Delta F_15   (Eq. 15)
+
 Decisions (``docs/method.md``): F(x) and F(x') are divided by the mean of F(x) over the candidate elements
 (Q, K, V, FFN) first, so both terms are O(1); Eq. 5's eps is then a relative floor, ``DELTA_EPS_NORMALIZED``
 (1e-3), instead of the printed 1e-8 (``DELTA_EPS_LITERAL``, kept for the literal formula); the shift weight is
-exp(-s), s the mean relative change of the statistics Eq. 6 actually applied. This module is their one home.
+exp(-s), s the mean relative change of the statistics Eq. 6 actually applied; Eq. 15's pseudocount is divided
+by the same mean as F. This module is their one home: ``dr_fim_terms`` combines F and Delta F for Eq. 7 and Eq. 15
+alike (``variational_dr_fim_terms`` passes it Eq. 15's pseudocount and factor).
 """
 
 from __future__ import annotations
@@ -35,10 +44,17 @@ def default_delta_eps(normalize: bool) -> float:
 
 
 def delta_fisher(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor],
-                 eps: float = DELTA_EPS_LITERAL) -> dict[str, torch.Tensor]:
-    """Eq. 5: Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps), element-wise, per parameter."""
-    return {name: (f_clean[name] - f_shift[name]).abs() / (torch.minimum(f_clean[name], f_shift[name]) + eps)
+                 eps: float = DELTA_EPS_LITERAL, pseudocount: float = 0.0) -> dict[str, torch.Tensor]:
+    """Eq. 5: Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + eps), element-wise, per parameter; with
+    ``pseudocount`` c, Eq. 15's |F(x) - F(x')| / (min(F(x), F(x')) + c + eps)."""
+    floor = eps if pseudocount == 0 else pseudocount + eps
+    return {name: (f_clean[name] - f_shift[name]).abs() / (torch.minimum(f_clean[name], f_shift[name]) + floor)
             for name in f_clean}
+
+
+def eq15_pseudocount(gamma: float, tau: float, likelihood_scale: float = 1.0) -> float:
+    """Eq. 15's pseudocount in the units of F: gamma * tau^-2 / s (Eq. 14 applied to the prior precision)."""
+    return gamma * tau**-2 / likelihood_scale
 
 
 def fisher_scale(f_clean: dict[str, torch.Tensor], candidates: Iterable[str] | None = None) -> float:
@@ -68,14 +84,15 @@ def candidate_ranks(values: dict[str, torch.Tensor], candidates: Iterable[str]) 
 
 def dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
                  normalize: bool = True, candidates: Iterable[str] | None = None, eps: float | None = None,
-                 drfim_weight: float = 1.0, combine: str = "sum"
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+                 drfim_weight: float = 1.0, combine: str = "sum", *, pseudocount: float = 0.0,
+                 domain_factor: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """Eq. 7 with its parts: (Delta F of Eq. 5, DRF = F(x) + lambda * w * Delta F, the scale F was divided by).
 
     ``normalize=True`` (fisherscan's default): F(x) and F(x') are divided by the mean of F(x) over the candidate
     elements first, so both terms are O(1), and Eq. 5's eps is a relative floor (``default_delta_eps``).
     ``normalize=False`` is the literal formula with eps = 1e-8 (scale 1). ``drfim_weight`` lambda and ``combine``
-    set the balance (module doc); lambda 1 and "sum" are Eq. 7.
+    set the balance (module doc); lambda 1 and "sum" are Eq. 7. ``pseudocount`` (in the units of F, divided by the
+    same scale) and ``domain_factor`` (multiplying w) are Eq. 15's (``variational_dr_fim_terms``).
     """
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, not {combine!r}")
@@ -88,13 +105,27 @@ def dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tens
             raise ValueError("F(x) is zero on every candidate element; nothing to normalise by")
         f_clean = {n: v / scale for n, v in f_clean.items()}
         f_shift = {n: v / scale for n, v in f_shift.items()}
-    delta = delta_fisher(f_clean, f_shift, eps)
-    weight = shift_weight * drfim_weight if drfim_weight != 1 else shift_weight
+        pseudocount = pseudocount / scale
+    delta = delta_fisher(f_clean, f_shift, eps, pseudocount)
+    weight = shift_weight * domain_factor * drfim_weight  # exact when both factors are 1
     if combine == "rank":
         names = list(f_clean) if candidates is None else list(candidates)
         task, domain = candidate_ranks(f_clean, names), candidate_ranks(delta, names)
         return delta, {name: task[name] + weight * domain[name] for name in f_clean}, scale
     return delta, {name: f_clean[name] + weight * delta[name] for name in f_clean}, scale
+
+
+def variational_dr_fim_terms(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,
+                             *, gamma: float, tau: float, likelihood_scale: float = 1.0, normalize: bool = True,
+                             candidates: Iterable[str] | None = None, eps: float | None = None, **combine
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """Eq. 15 as printed, on F(x), F(x') of Eq. 14: (Delta F_15, DRF = F(x) + w * gamma * Delta F_15, the scale).
+
+    The pseudocount gamma tau^-2 / s (``eq15_pseudocount``) and F are normalised alike; ``combine`` goes to
+    ``dr_fim_terms`` unchanged (how F and Delta F are balanced is decided there, once for Eq. 7 and Eq. 15).
+    """
+    return dr_fim_terms(f_clean, f_shift, shift_weight, normalize, candidates, eps,
+                        pseudocount=eq15_pseudocount(gamma, tau, likelihood_scale), domain_factor=gamma, **combine)
 
 
 def dr_fim(f_clean: dict[str, torch.Tensor], f_shift: dict[str, torch.Tensor], shift_weight: float,

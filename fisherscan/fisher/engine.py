@@ -317,6 +317,7 @@ class HookEngine:
         self.leaves: list[torch.Tensor] = []
         self.sums: dict[str, torch.Tensor] = {}
         self.images = 0
+        self.last_loss: torch.Tensor | None = None
         self._unused_cache: dict[tuple[str, ...], set[str]] = {}
 
     def squared_gradient_sum(self, x: torch.Tensor, y: torch.Tensor, uniforms: torch.Tensor | None = None, *,
@@ -368,6 +369,7 @@ class HookEngine:
             targets = self.leaves if self.leaf_mode else [x_in]
             if loss.requires_grad and targets:
                 torch.autograd.grad(loss, targets, allow_unused=True)
+            self.last_loss = loss.detach()  # the batch's summed loss (the VOGN curvature records it)
             del loss
             self.leaves = []
             for token in self.token_sites:

@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..errors import FisherscanError
-from ..fisher.variational import VariationalResult, precision_to_fisher
+from ..fisher.variational import VariationalResult, data_to_fisher, precision_to_fisher
 from ..io import atomic_target, options_json, read_info, read_tensors, recorded_base, write_tensors
 from ..models.segmenter import Segmenter
 from .config import ScoreConfig, changed_options
@@ -78,18 +78,26 @@ def save_diagonal_partial(path: Path, parts: list, counters: dict, segmenter: Se
 
 
 def save_variational_partial(path: Path, run: dict, segmenter: Segmenter, config: ScoreConfig, context: dict) -> None:
-    """The variational estimator's state: finished fits (``done_<kind>/``: Lambda), the fit in progress
-    (``fit_precision/``, ``fit_snapshot/``, ``fit_noise``: the xi generator) and the shift magnitudes so far."""
+    """The variational estimator's state: finished fits (``done_<kind>_data/``: D; legacy ``done_<kind>/``: Lambda)
+    with their record, the fit in progress (``fit_data/`` or legacy ``fit_precision/``, ``fit_snapshot/``,
+    ``fit_noise``: the xi generator; its counters and pilot in the metadata) and the shift magnitudes so far."""
     tensors, fits = {}, {}
     for kind, fit in run["fits"].items():
-        tensors.update({f"done_{kind}/{n}": v for n, v in fit.precision.items()})
+        if config.var_legacy:
+            tensors.update({f"done_{kind}/{n}": v for n, v in fit.precision.items()})
+        else:
+            tensors.update({f"done_{kind}_data/{n}": v for n, v in fit.data.items()})
         fits[kind] = {"terms": fit.terms, "relative_change": fit.relative_change, "converged": fit.converged}
+        if not config.var_legacy:
+            fits[kind].update(tau=fit.tau, scale=fit.scale, prior=fit.prior, bad_steps=fit.bad_steps,
+                              passes=fit.passes)
     fit_info = None
     if run["fit"] is not None:
-        tensors.update({f"fit_precision/{n}": v for n, v in run["fit"]["precision"].items()})
+        stored = "precision" if config.var_legacy else "data"
+        tensors.update({f"fit_{stored}/{n}": v for n, v in run["fit"][stored].items()})
         tensors.update({f"fit_snapshot/{n}": v for n, v in run["fit"]["snapshot"].items()})
         tensors["fit_noise"] = run["fit"]["noise"]
-        fit_info = {k: run["fit"][k] for k in ("step", "kl", "history")}
+        fit_info = {k: v for k, v in run["fit"].items() if k not in (stored, "snapshot", "noise")}
     info = {"phase": run["phase"], "global_step": run["global_step"], "magnitudes": run["magnitudes"],
             "fits": fits, "fit": fit_info}
     write_partial(path, tensors, info, segmenter, config, context)
@@ -139,24 +147,35 @@ def restore_diagonal_partial(path: Path, info: dict, segmenter: Segmenter, parts
 
 def restore_variational_partial(path: Path, info: dict, segmenter: Segmenter, config: ScoreConfig,
                                 scale: float) -> dict:
-    """The ``resume`` argument of ``run_variational`` (and the head) from ``save_variational_partial``'s file."""
+    """The ``resume`` argument of ``run_variational`` (and the head) from ``save_variational_partial``'s file
+    (``scale``: the likelihood scale of a legacy run; a newer file records each fit's own)."""
     tensors, _ = read_tensors(path, "partial", FRESH)
     means = {f"backbone.{n}": p for n, p in segmenter.backbone.named_parameters()}  # what run_variational fits
     order = list(means)
+
+    def stored(prefix: str) -> dict:
+        found = _part(tensors, prefix, order)
+        if set(found) != set(means) or any(found[n].shape != means[n].shape for n in means):
+            raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
+        return found
+
     fits = {}
     for kind, record in info["fits"].items():
-        precision = _part(tensors, f"done_{kind}/", order)
-        if set(precision) != set(means):
-            raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
-        fits[kind] = VariationalResult(precision=precision, relative_change=record["relative_change"],
-                                       fisher=precision_to_fisher(precision, config.gamma, config.tau, scale),
-                                       terms=record["terms"], converged=record["converged"])
+        common = dict(relative_change=record["relative_change"], terms=record["terms"], converged=record["converged"])
+        if config.var_legacy:
+            precision = stored(f"done_{kind}/")
+            fits[kind] = VariationalResult(precision=precision, tau=config.tau, scale=scale, **common,
+                                           fisher=precision_to_fisher(precision, config.gamma, config.tau, scale))
+        else:
+            data, tau, scale = stored(f"done_{kind}_data/"), record["tau"], record["scale"]
+            fits[kind] = VariationalResult(precision={n: v + tau**-2 for n, v in data.items()}, data=data, tau=tau,
+                                           scale=scale, fisher=data_to_fisher(data, config.gamma, scale),
+                                           prior=record["prior"], bad_steps=record["bad_steps"],
+                                           passes=record["passes"], **common)
     fit = None
     if info["fit"] is not None:
-        precision = _part(tensors, "fit_precision/", order)
-        if set(precision) != set(means) or any(precision[n].shape != means[n].shape for n in means):
-            raise FisherscanError(f"{path}: does not fit this model; {FRESH}")
-        fit = {**info["fit"], "precision": precision, "snapshot": _part(tensors, "fit_snapshot/", order),
+        kept = "precision" if config.var_legacy else "data"
+        fit = {**info["fit"], kept: stored(f"fit_{kept}/"), "snapshot": _part(tensors, "fit_snapshot/", order),
                "noise": tensors["fit_noise"]}
     restore_head(tensors, segmenter, path)
     return {"phase": info["phase"], "global_step": info["global_step"], "magnitudes": info["magnitudes"],

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fisher.variational import DEFAULT_CURVATURE, DEFAULT_STEPS, PILOT_STEPS, PRIOR_FRACTION, TOLERANCE
 from ..models.groups import CANDIDATE_GROUPS
 
 PANELS = ("model", "data", "method", "shift", "variational", "selection", "optimisation", "evaluation",
@@ -23,10 +24,10 @@ PANELS = ("model", "data", "method", "shift", "variational", "selection", "optim
 
 UNIONS = (typing.Union, types.UnionType)
 
-# options that may change between a stopped run and its continuation: none of them changes a result
 #: --perturb-strength's default per --shift family: the pixel family's was chosen on the validation style
 #: (docs/method.md, benchmarks/drfim_signal.py); Eq. 6 keeps the paper's spread
 SHIFT_STRENGTH = {"pixel": 3.0, "eq6": 1.0}
+# options that may change between a stopped run and its continuation: none of them changes a result
 RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_every", "max_bad_frac", "eval",
                "eval_every", "eval_layout", "eval_split", "eval_crop", "eval_stride")
 
@@ -34,7 +35,8 @@ RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_e
 def option(default=dataclasses.MISSING, help: str = "", panel: str = "run control", **metadata):
     """A config field with its command-line help and panel. ``metadata``: ``flag="--normalize/--literal"`` for a
     boolean pair (default ``--x/--no-x``), ``fraction=True`` for a value the command line also takes as a
-    percentage (5%), ``aliases=("--old-name",)`` for hidden old spellings, ``hidden=True``."""
+    percentage (5%), ``aliases=("--old-name",)`` for hidden old spellings, ``hidden=True``, ``before=value``: the
+    value that reproduces what runs did before the option existed (``LEGACY``), assumed for a file that lacks it."""
     if panel not in PANELS:
         raise ValueError(f"unknown panel {panel!r}")
     return dataclasses.field(default=default, metadata={"help": help, "panel": panel, **metadata})
@@ -87,41 +89,63 @@ class ScoreConfig(RunConfig):
     labels: str = option("sampled", "sampled (the true Fisher) or given (the empirical Fisher)", "method")
     estimator: str = option("diagonal", "diagonal (exact Eq. 9) or variational (Eq. 10-15)", "method")
     gamma: float = option(1.0, "KL weight gamma (Eq. 11)", "variational")
-    tau: float = option(1e-3, "prior std tau around the pretrained weights (Eq. 10)", "variational")
-    var_steps: int = option(500, "optimisation steps T2 per precision", "variational")
+    tau: float | None = option(None, "prior std tau around the pretrained weights (Eq. 10); default: picked by a pilot "
+                                     f"of {PILOT_STEPS} probes, tau^-2 = {PRIOR_FRACTION} * s * (mean curvature) / "
+                                     "gamma", "variational")
+    var_steps: int = option(DEFAULT_STEPS, "natural-gradient steps T2 per precision (the pilot's come on top)",
+                            "variational")
+    var_curvature: str = option(DEFAULT_CURVATURE, "vogn (per-image squared gradients at perturbed weights: a "
+                                                   "diagonal Fisher at perturbed weights, one pass per step) or "
+                                                   "reparam (the antithetic reparameterized Hessian of Eq. 12, two "
+                                                   "passes per step)", "variational",
+                                before="reparam")
+    var_control: bool = option(True, "reparam: subtract the control variate (xi^2 - 1) * D from each step's "
+                                     "curvature (zero mean, removes the xi^2 noise)", "variational",
+                               flag="--var-control/--no-var-control", before=False)
     var_lr: float = option(0.0, "step size (0: running average)", "variational")
-    var_scale: float | None = option(None, "likelihood scale (default: the number of images)", "variational")
-    var_tolerance: float = option(0.05, "converged when Lambda's mean relative change over the last 10% of the steps "
-                                        "is below this", "variational")
+    var_scale: float | None = option(None, "likelihood scale s (default: picked by the pilot so that the posterior "
+                                           "stays narrow, at least the number of images; with --tau, the number of "
+                                           "images)", "variational")
+    var_tolerance: float = option(TOLERANCE, "converged when the data part D = Lambda - tau^-2 moved less than this "
+                                              "(sum |D_T - D_T/2| / sum |D_T|) over the second half of the steps",
+                                  "variational")
+    var_legacy: bool = option(False, "the variational estimator before the data part was kept apart (Lambda stored "
+                                     "with its prior, 10%-window test, reparam without control variate): reproduces "
+                                     "old score files", "variational", hidden=True, before=True)
+    eq15: str = option("printed", "variational DR-FIM: printed (Eq. 15's pseudocount gamma tau^-2 / s in Delta F's "
+                                  "denominator, gamma times the domain term) or substituted (Eq. 14 into Eq. 5/7)",
+                       "method", before="substituted")
     label_draws: int = option(1, "sampled labels drawn per image; its squares are averaged over them (K passes "
-                                 "per image and shift)", "method")
+                                 "per image and shift)", "method", before=1)
     shift: str = option("pixel", "the simulated unseen domain of F(x'): pixel (photometric, contrast, haze and blur "
                                  "change of each image; the default, chosen on a validation style) or eq6 (feature "
-                                 "statistics, the paper's Eq. 6)", "shift")
+                                 "statistics, the paper's Eq. 6)", "shift", before="eq6")
     shift_data: Path | None = option(None, "real images of another style for F(x') instead: the same scenes (same "
                                            "relative paths: paired) or any images (unpaired); overrides --shift",
-                                     "shift")
+                                     "shift", before=None)
     perturb_at: tuple[int, ...] = option((0,), "block(s) whose input tokens get Eq. 6, e.g. 0,2,4 (the first one "
                                                "also measures the shift s of the other families)", "shift")
     perturb_prob: float = option(1.0, "probability that Eq. 6 is applied at a site, per image and site (DSU: 0.5)",
-                                 "shift")
+                                 "shift", before=1.0)
     perturb_strength: float | None = option(None, "multiplies the pixel family's ranges or Eq. 6's spread (default "
                                                   "3 for pixel, chosen on a validation style; 1 for eq6, the paper's)",
-                                            "shift")
+                                            "shift", before=1.0)
     spread: str = option("batch", "Eq. 6's spread of the statistics: batch (the batch's, as DSU) or pool (the "
-                                  "first --spread-pool images', fixed)", "shift")
-    spread_pool: int = option(64, "images of the pool of --spread pool", "shift")
+                                  "first --spread-pool images', fixed)", "shift",
+                         before="batch")
+    spread_pool: int = option(64, "images of the pool of --spread pool", "shift", before=64)
     normalize: bool = option(True, "divide F by its candidate mean before Eq. 5/7 (docs/method.md), or the literal "
                                    "formula", "method", flag="--normalize/--literal")
     delta_eps: float | None = option(None, "Eq. 5's eps (default 1e-3 normalised, 1e-8 literal)", "method")
     shift_weight: float | None = option(None, "a fixed weight of the domain term of Eq. 7 (default exp(-s))", "method")
-    drfim_weight: float = option(1.0, "lambda in DR-FIM = F + lambda * w * Delta F (Eq. 7's balance)", "method")
+    drfim_weight: float = option(1.0, "lambda in DR-FIM = F + lambda * w * Delta F (Eq. 7's balance)", "method",
+                                 before=1.0)
     combine: str | None = option(None, "rank (F + lambda w Delta F on the ranks of F and Delta F over the "
                                        "candidates: unit-free; the default) or sum (the same in normalised units; the "
-                                       "default with --literal)", "method")
+                                       "default with --literal)", "method", before="sum")
     replicates: int = option(1, "2: also score the even- and odd-index images apart and report each kind's "
                                 "half-vs-half agreement (top-k Jaccard, Spearman with Spearman-Brown); no extra cost",
-                             "method")
+                             "method", before=1)
     chunk_size: int = option(8, "images per chunk of per-image gradient work (bounds memory)", "run control")
 
     def __post_init__(self):
@@ -163,7 +187,7 @@ class TuneConfig(RunConfig):
     adam_bias_correction: str = option("selection", "selection: an element's Adam bias correction counts from the "
                                                     "step it was first selected (its first update is a normal first "
                                                     "Adam step); global: from the run's first step (fisherscan before "
-                                                    "per-element counts)", "optimisation")
+                                                    "per-element counts)", "optimisation", before="global")
     weight_decay: float = option(0.05, "AdamW weight decay (selected elements and the decoder only)", "optimisation")
     power: float = option(0.9, "poly decay power", "optimisation")
     full_checkpoint: bool = option(False, "save the whole backbone, not only the changed parameters", "output")
@@ -177,9 +201,14 @@ class TuneConfig(RunConfig):
     save_every: int = option(100, "steps between resumable checkpoints", "run control")
 
 
+def options_before() -> dict:
+    """Option name -> the value that reproduces runs made before the option existed (``option(before=...)``)."""
+    return {f.name: f.metadata["before"] for cls in (ScoreConfig, TuneConfig) for f in dataclasses.fields(cls)
+            if "before" in f.metadata}
+
+
 # options added since files were first written: the value that reproduces what a file without them did
-LEGACY = {"label_draws": 1, "shift": "eq6", "shift_data": None, "perturb_prob": 1.0, "perturb_strength": 1.0,
-          "spread": "batch", "spread_pool": 64, "drfim_weight": 1.0, "combine": "sum", "replicates": 1}
+LEGACY = options_before()
 
 
 def recorded_option(saved: dict, key: str):

@@ -43,8 +43,8 @@ from .config import ScoreConfig, absolute_paths
 from .distributed import Ranks
 from .score_checks import check_config
 from .score_loop import Estimate, all_finite, new_state, run_diagonal
-from .score_record import combine, reliability, score_metadata
-from .score_variational import run_variational
+from .score_record import combine, convergence_notes, reliability, score_metadata
+from .score_variational import run_variational, total_steps
 from .shifts import make_shift
 from .warmup import warm_up_decoder
 
@@ -185,7 +185,7 @@ def resume_estimator(run: ScoreRun):
     state = checkpoint.restore_variational_partial(run.partial_path, run.partial, run.segmenter, run.config,
                                                    likelihood_scale(run))
     run.run_notes.append(f"continued the stopped run in {run.partial_path} from variational step "
-                         f"{state['global_step']} of {2 * run.config.var_steps} (its head and fits; no new warm-up)")
+                         f"{state['global_step']} of {total_steps(run.config)} (its head and fits; no new warm-up)")
     return state
 
 
@@ -229,7 +229,11 @@ def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
     def strip(by_name: dict) -> dict:  # backbone names, on the CPU
         return {name.removeprefix("backbone."): value.cpu() for name, value in by_name.items()}
 
-    scores, terms = combine(strip(result.f_clean), strip(result.f_shift), result.magnitude, config, candidates)
+    prior = None  # the variational fit's prior: Eq. 15 (--eq15 printed)
+    if config.estimator == "variational":
+        record = extra["variational"]
+        prior = {"gamma": record["gamma"], "tau": record["tau"], "likelihood_scale": record["likelihood_scale"]}
+    scores, terms = combine(strip(result.f_clean), strip(result.f_shift), result.magnitude, config, candidates, prior)
     if "replicates" in extra:
         halves = [combine(strip(f), strip(f_shift), s, config, candidates)[0]
                   for f, f_shift, s in extra["replicates"]]
@@ -241,11 +245,7 @@ def finish(run: ScoreRun, result: Estimate, warmup: dict) -> tuple[dict, dict]:
     if config.estimator == "variational":
         scores["precision"], scores["precision_shift"] = strip(extra["precision"]), strip(extra["precision_shift"])
         terms["variational"] = extra["variational"]
-        for kind, converged in extra["variational"]["converged"].items():
-            if not converged:
-                notes.append(f"the {kind} precision has not converged (mean relative change "
-                             f"{extra['variational']['relative_change_last_10pct'][kind]:.3f} over the last 10% of "
-                             f"steps > {config.var_tolerance}); raise --var-steps")
+        notes.extend(convergence_notes(extra["variational"], config))
     return scores, score_metadata(run, extra, terms, warmup)
 
 

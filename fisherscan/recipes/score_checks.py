@@ -10,9 +10,11 @@ from pathlib import Path
 from ..errors import FisherscanError
 from ..fisher.drfim import COMBINE_MODES
 from ..fisher.loss import LABEL_MODES
+from ..fisher.variational import CURVATURES
 from .config import ScoreConfig
 
 ESTIMATORS = ("diagonal", "variational")
+EQ15_MODES = ("printed", "substituted")
 SHIFTS = ("eq6", "pixel")
 SPREADS = ("batch", "pool")
 
@@ -48,12 +50,36 @@ def check_method(config: ScoreConfig) -> None:
         raise FisherscanError("--literal is the printed Eq. 7: drop --drfim-weight and --combine, or drop --literal")
 
 
+def check_variational(config: ScoreConfig) -> None:
+    """The variational options' mistakes (checked for every estimator: they are recorded either way)."""
+    def positive(value) -> bool:
+        return math.isfinite(value) and value > 0
+
+    if not positive(config.gamma):
+        raise FisherscanError(f"--gamma {config.gamma}: must be a finite number > 0")
+    if config.tau is not None and not positive(config.tau):
+        raise FisherscanError(f"--tau {config.tau}: must be a finite number > 0 (leave it out to pick it by a pilot)")
+    if config.var_steps < 1:
+        raise FisherscanError(f"--var-steps {config.var_steps}: must be at least 1")
+    if not 0 <= config.var_lr < 1:
+        raise FisherscanError(f"--var-lr {config.var_lr}: must lie in [0, 1)")
+    if config.var_scale is not None and not positive(config.var_scale):
+        raise FisherscanError(f"--var-scale {config.var_scale}: must be a finite number > 0")
+    if not positive(config.var_tolerance):
+        raise FisherscanError(f"--var-tolerance {config.var_tolerance}: must be a finite number > 0")
+    if config.var_curvature not in CURVATURES:
+        raise FisherscanError(f"--var-curvature {config.var_curvature}: use one of {', '.join(CURVATURES)}")
+    if config.eq15 not in EQ15_MODES:
+        raise FisherscanError(f"--eq15 {config.eq15}: use one of {', '.join(EQ15_MODES)}")
+    if config.var_legacy and (config.var_curvature != "reparam" or config.tau is None):
+        raise FisherscanError("--var-legacy reproduces the old estimator: pass --var-curvature reparam and a --tau")
+
+
 def check_config(config: ScoreConfig) -> None:
     """Option mistakes, found before any work is done."""
     if config.estimator not in ESTIMATORS:
         raise FisherscanError(f"--estimator {config.estimator}: use one of {', '.join(ESTIMATORS)}")
-    if config.gamma <= 0 or config.tau <= 0 or config.var_steps < 1 or not 0 <= config.var_lr < 1:
-        raise FisherscanError("--gamma and --tau must be > 0, --var-steps >= 1 and 0 <= --var-lr < 1")
+    check_variational(config)
     if config.labels not in LABEL_MODES:
         raise FisherscanError(f"--labels {config.labels}: use one of {', '.join(LABEL_MODES)}")
     for option, value in (("--batch-size", config.batch_size), ("--crop", config.crop), ("--chunk-size",

@@ -7,7 +7,7 @@ from .. import __version__
 from ..data.datasets import padded_size
 from ..data.labels import NUM_CLASSES
 from ..errors import FisherscanError
-from ..fisher.drfim import default_delta_eps, dr_fim_terms, shift_weight
+from ..fisher.drfim import default_delta_eps, dr_fim_terms, eq15_pseudocount, shift_weight, variational_dr_fim_terms
 from ..io import options_json
 from ..models.heads import head_path_for
 from ..scores.reliability import half_agreement
@@ -25,15 +25,21 @@ SHIFT_DEFINITIONS = {
 }
 
 
-def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
-            candidates: list[str]) -> tuple[dict, dict]:
+def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig, candidates: list[str],
+            prior: dict | None = None) -> tuple[dict, dict]:
     """Eq. 5 and Eq. 7 with the decided normalisation, relative eps, shift weight and balance
-    (``fisherscan.fisher.drfim``): (scores by kind, the record of those choices)."""
+    (``fisherscan.fisher.drfim``): (scores by kind, the record of those choices). With ``prior`` (the variational
+    fit's gamma, tau and likelihood scale) and ``--eq15 printed``, Eq. 15 under the same balance."""
     weight = config.shift_weight if config.shift_weight is not None else shift_weight(magnitude)
     eps = config.delta_eps if config.delta_eps is not None else default_delta_eps(config.normalize)
+    printed = prior is not None and config.eq15 == "printed"
+    balance = {"drfim_weight": config.drfim_weight, "combine": config.combine}
     try:
-        delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps,
-                                           config.drfim_weight, config.combine)
+        if printed:
+            delta, drfim, scale = variational_dr_fim_terms(f_clean, f_shift, weight, normalize=config.normalize,
+                                                           candidates=candidates, eps=eps, **prior, **balance)
+        else:
+            delta, drfim, scale = dr_fim_terms(f_clean, f_shift, weight, config.normalize, candidates, eps, **balance)
     except ValueError:
         raise FisherscanError("F(x) is zero on every candidate parameter; check the labels and --warmup-steps") \
             from None
@@ -45,11 +51,37 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
              "delta_eps": eps,
              "shift": {"magnitude": magnitude, "weight": weight, "weight_overridden": config.shift_weight is not None,
                        "definition": definition},
-             "balance": {"drfim_weight": config.drfim_weight, "combine": config.combine,
-                         "formula": "DRF = F + lambda * w * Delta F" + (" on the ranks of F and Delta F over the "
-                                                                       "candidates" if config.combine == "rank"
-                                                                       else "")}}
+             "balance": {**balance, "formula": "DRF = F + lambda * w * Delta F" + (
+                 " on the ranks of F and Delta F over the candidates" if config.combine == "rank" else "")}}
+    if prior is not None:
+        terms["eq15"] = eq15_record(config, prior, scale, printed)
     return scores, terms
+
+
+def eq15_record(config: ScoreConfig, prior: dict, scale: float, printed: bool) -> dict:
+    """How the variational DR-FIM was formed: Eq. 15 as printed (its pseudocount) or Eq. 14 substituted."""
+    if not printed:
+        return {"mode": config.eq15, "formula": "Eq. 14 substituted into Eq. 5/7 (no pseudocount)"}
+    pseudocount = eq15_pseudocount(**prior)
+    return {"mode": config.eq15, "pseudocount": pseudocount, "pseudocount_normalized": pseudocount / scale,
+            "domain_factor": prior["gamma"],
+            "formula": "Delta F = |F(x) - F(x')| / (min(F(x), F(x')) + gamma tau^-2 / s + eps), DRF = F(x) + w * "
+                       "gamma * Delta F; F and the pseudocount divided by the normalisation scale alike"}
+
+
+def convergence_notes(record: dict, config: ScoreConfig) -> list[str]:
+    """A warning per variational fit that has not converged, and per fit with skipped steps."""
+    notes = []
+    where = "over the last 10% of steps" if config.var_legacy else "of D = Lambda - tau^-2 over the second half"
+    for kind, converged in record["converged"].items():
+        if not converged:
+            notes.append(f"warning: the {kind} precision has not converged (relative change "
+                         f"{record['relative_change'][kind]:.3f} {where}; tolerance {config.var_tolerance}"
+                         f"{'' if config.var_legacy else ', at least 10 steps'}); raise --var-steps")
+    for kind, bad in record["bad_steps"].items():
+        if bad:
+            notes.append(f"{bad} variational {kind} steps had a non-finite loss or curvature and were skipped")
+    return notes
 
 
 def reliability(halves: list[dict], seed: int) -> dict:

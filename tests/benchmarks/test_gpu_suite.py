@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "tune_full", "tune_masked", "tune_adamw")
+METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "variational_vogn", "tune_full", "tune_masked",
+           "tune_adamw")
 COMMANDS = ("score", "tune_linear", "tune_mask2former", "eval_linear", "eval_mask2former")
 
 pytestmark = pytest.mark.slow

@@ -426,21 +426,95 @@ def test_module_help():
 
 
 def test_variational_scores_file(tmp_path):
-    """``--estimator variational`` end to end: the file holds the precisions, Eq. 14 on them equals the saved F
-    (recomputed here from gamma, tau and the likelihood scale in the metadata), and the ELBO terms are recorded."""
+    """``--estimator variational`` end to end with the defaults (tau picked by the pilot, VOGN curvature, Eq. 15 as
+    printed): the file holds the precisions; Eq. 14 on them equals the saved F, and Eq. 15 on the saved F equals the
+    saved Delta F and DR-FIM, both recomputed here from gamma, tau, the likelihood scale and the shift weight in the
+    metadata; the ELBO terms, the pilot and the convergence test are recorded."""
     source = write_dataset(tmp_path / "data", domains=("source",), images_per_domain=4, size=(48, 48))["source"]
     out = tmp_path / "v.safetensors"
     result = invoke("score", *FAST, "--data", source, "--batch-size", 2, "--warmup-steps", 1, "--estimator",
-                    "variational", "--var-steps", 4, "--gamma", 2.0, "--tau", 0.01, "--out", out)
+                    "variational", "--var-steps", 4, "--gamma", 2.0, "--out", out)
     assert result.exit_code == 0, result.output
     scores, meta = load_scores(out)
     assert set(scores) == {"fim", "fim_shift", "delta", "drfim", "precision", "precision_shift"}
     info = meta["variational"]
-    assert meta["estimator"] == "variational" and info["gamma"] == 2.0 and info["tau"] == 0.01
-    assert info["steps"] == 4 and info["likelihood_scale"] == 4.0
+    tau, scale = info["tau"], info["likelihood_scale"]
+    assert meta["estimator"] == "variational" and info["gamma"] == 2.0 and info["tau_given"] is False
+    assert info["steps"] == 4 and info["curvature"] == "vogn" and info["likelihood_scale_given"] is False
+    narrow = info["prior"]["likelihood_scale"]  # s from the pilot: gamma n / (2 * 0.1 * L0), at least 4 images
+    elements = sum(p.numel() for p in timm.create_model(TIMM_NAME, num_classes=0).parameters())
+    assert narrow["elements"] == elements and narrow["floor"] == 4.0
+    assert scale == pytest.approx(max(4.0, 2.0 * elements / (2 * 0.1 * narrow["loss_at_mean"])))
+    assert tau ** -2 == pytest.approx(0.1 * scale * info["prior"]["mean_curvature"] / 2.0)
+    assert info["passes"] == {"clean": 4 + 4, "shift": 4}
+    assert info["converged"] == {"clean": False, "shift": False}  # 2 steps in the window: too few to tell
+    assert any("has not converged" in note for note in meta["notes"])
     assert set(info["final_terms"]["clean"]) == {"expected_loss", "kl", "objective"}
     for clean, precision in (("fim", "precision"), ("fim_shift", "precision_shift")):
-        for name, value in scores[precision].items():
-            eq14 = (2.0 * (value - 0.01 ** -2) / 4.0).clamp_min(0)
-            assert torch.allclose(scores[clean][name], eq14, rtol=1e-5, atol=1e-6), name
+        for name, value in scores[precision].items():  # Lambda = tau^-2 + D, rounded to float32 (the record)
+            eq14 = (2.0 * (value.double() - tau ** -2) / scale).clamp_min(0)
+            rounding = 2.0 * float(value.max()) * 2.0 ** -23 / scale
+            assert torch.allclose(scores[clean][name].double(), eq14, rtol=1e-4, atol=2 * rounding), name
+    unit = meta["normalization"]["scale"]
+    pseudocount = 2.0 * tau ** -2 / scale
+    assert meta["eq15"]["mode"] == "printed" and meta["eq15"]["pseudocount"] == pytest.approx(pseudocount)
+    weight = meta["shift"]["weight"]
+    for name, f_clean in scores["fim"].items():
+        f_x, f_s = f_clean.double() / unit, scores["fim_shift"][name].double() / unit
+        delta = (f_x - f_s).abs() / (torch.minimum(f_x, f_s) + pseudocount / unit + meta["delta_eps"])
+        assert torch.allclose(scores["delta"][name].double(), delta, rtol=1e-4, atol=1e-6), name
+    # the default balance: the ranks of F and Delta F_15 over the candidates (scipy), gamma w on the domain term
+    from scipy.stats import rankdata
+
+    names = [n for n in scores["fim"] if ".attn.qkv." in n or ".mlp." in n]
+    count = sum(scores["fim"][n].numel() for n in names)
+    task = rankdata(torch.cat([scores["fim"][n].double().reshape(-1) for n in names]).numpy()) / count
+    domain = rankdata(torch.cat([scores["delta"][n].double().reshape(-1) for n in names]).numpy()) / count
+    drfim = torch.cat([scores["drfim"][n].double().reshape(-1) for n in names])
+    torch.testing.assert_close(drfim, torch.from_numpy(task + weight * 2.0 * domain), rtol=1e-5, atol=1e-6)
+    assert meta["balance"]["combine"] == "rank"
     assert all(torch.isfinite(t).all() for kind in scores.values() for t in kind.values())
+
+
+@pytest.mark.parametrize("option, value", [("--tau", "0"), ("--tau", "-1"), ("--gamma", "0"), ("--gamma", "-2"),
+                                           ("--var-steps", "0"), ("--var-curvature", "exact"), ("--eq15", "both"),
+                                           ("--var-scale", "0"), ("--var-tolerance", "0")])
+def test_invalid_variational_options_are_rejected(tmp_path, data, option, value):
+    out = tmp_path / "s.safetensors"
+    result = invoke("score", *FAST, "--data", data, "--out", out, "--estimator", "variational", option, value)
+    one_error_line(result, option)
+    assert not out.exists()
+
+
+@pytest.fixture
+def nan_every_third_forward(monkeypatch):
+    """Every third forward pass of the segmenter without labels returns NaN logits (the variational steps' and the
+    engine's passes; the warm-up calls ``Segmenter.loss`` with labels)."""
+    original = fisherscan.models.segmenter.Segmenter.forward
+    calls = {"n": 0}
+
+    def patched(self, x, labels=None):
+        out = original(self, x, labels)
+        if labels is not None:
+            return out
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] % 3 == 0 else out
+
+    monkeypatch.setattr(fisherscan.models.segmenter.Segmenter, "forward", patched)
+    return calls
+
+
+def test_variational_skips_and_counts_non_finite_steps(tmp_path, data, nan_every_third_forward):
+    """Steps whose loss or curvature is not finite are skipped, counted in the metadata and noted; with
+    --max-bad-frac 0 the first one stops the run with one line."""
+    out = tmp_path / "v.safetensors"
+    common = ["score", *FAST, "--data", data, "--batch-size", 2, "--warmup-steps", 1, "--estimator", "variational",
+              "--var-steps", 12, "--tau", 0.01]
+    result = invoke(*common, "--max-bad-frac", 0.9, "--out", out)
+    assert result.exit_code == 0, result.output
+    scores, meta = load_scores(out)
+    bad = meta["variational"]["bad_steps"]
+    assert bad["clean"] >= 1 and bad["shift"] >= 1
+    assert any("non-finite loss or curvature and were skipped" in note for note in meta["notes"])
+    assert all(torch.isfinite(t).all() for kind in scores.values() for t in kind.values())
+    one_error_line(invoke(*common, "--max-bad-frac", 0, "--out", tmp_path / "w.safetensors"), "--max-bad-frac")

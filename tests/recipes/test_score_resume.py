@@ -152,21 +152,25 @@ VARIATIONAL = ["--model", "timm:vit_tiny_patch16_224?depth=2&embed_dim=32&num_he
                "--var-steps", 20, "--save-every", 1]
 
 
-def test_variational_stop_and_continue_is_byte_identical(tmp_path, data):
-    """Stops in the clean fit, exactly between the two fits, and in the shifted fit after its convergence snapshot
-    (step 19 of 20) must all continue to the bytes of an uninterrupted run (the oracle)."""
+@pytest.mark.parametrize("curvature", ["vogn", "reparam"])
+def test_variational_stop_and_continue_is_byte_identical(tmp_path, data, curvature):
+    """Stops inside the pilot that picks tau (global step 2 of 44), in the clean fit, exactly between the two fits
+    (step 24) and in the shifted fit after its convergence snapshot (step 43) must all continue to the bytes of an
+    uninterrupted run (the oracle)."""
+    options = [*VARIATIONAL, "--var-curvature", curvature]
     whole = tmp_path / "whole" / "scores.safetensors"
     whole.parent.mkdir()
-    ok(score_in(data, whole, *VARIATIONAL))
+    ok(score_in(data, whole, *options))
     out = tmp_path / "stopped" / "scores.safetensors"
     out.parent.mkdir()
-    first = ok(score_in(data, out, *VARIATIONAL, "--stop-after", 7))
-    assert "7 of 40 variational steps done" in " ".join(first.stdout.split()) and not out.exists()
-    ok(score_in(data, out, *VARIATIONAL, "--resume", "--stop-after", 13))  # global step 20: the clean fit is done
-    ok(score_in(data, out, *VARIATIONAL, "--resume", "--stop-after", 19))  # step 39: shifted fit's snapshot taken
-    again = ok(score_in(data, out, *VARIATIONAL))
-    assert "from variational step 39 of 40" in " ".join(again.stdout.split())
+    first = ok(score_in(data, out, *options, "--stop-after", 2))
+    assert "2 of 44 variational steps done" in " ".join(first.stdout.split()) and not out.exists()
+    ok(score_in(data, out, *options, "--resume", "--stop-after", 5))  # global step 7: in the clean fit
+    ok(score_in(data, out, *options, "--resume", "--stop-after", 17))  # step 24: the clean fit is done
+    ok(score_in(data, out, *options, "--resume", "--stop-after", 19))  # step 43: shifted fit's snapshot taken
+    again = ok(score_in(data, out, *options))
+    assert "from variational step 43 of 44" in " ".join(again.stdout.split())
     assert placed(out, out.parent) == placed(whole, whole.parent)
     assert placed(head(out), out.parent) == placed(head(whole), whole.parent)
     assert not partial(out).exists()
-    one_error_line(score_in(data, out.with_name("x.safetensors"), *VARIATIONAL, "--resume"), "--resume")
+    one_error_line(score_in(data, out.with_name("x.safetensors"), *options, "--resume"), "--resume")
