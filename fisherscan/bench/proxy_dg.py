@@ -11,8 +11,8 @@ protocol's constants and the roles of the styles are in ``fisherscan.bench.proto
 2. **Data**: per seed, labelled source scenes in ``toon`` (and the same scenes in ``rain``, for ``oracle-delta``);
    shared validation scenes in ``toon`` and ``rain``; shared test scenes in the seen and novel test styles.
 3. **Score** (Algorithm 1 steps 1-2, ``fisherscan.recipes.score.run_score``) on the source scenes: the decoder warmed
-   up on the frozen backbone, the diagonal estimator (F(x), F(x') with Eq. 6), the variational one (``drfim-var``)
-   and, for ``oracle-delta``, F on the same scenes in ``rain`` (``oracle``).
+   up on the frozen backbone, the diagonal estimator (F(x), F(x') by score's defaults), the variational one
+   (``drfim-var``) and, for ``oracle-delta``, F(x') from the same scenes rendered in ``rain`` (paired ``--shift-data``).
 4. **Tune** (Algorithm 1 step 3, ``fisherscan.recipes.tune.run_tune``) every strategy from that head on the source
    data only, with the same steps, batch and data order: backbone lr 1e-4, decoder lr 1e-3, poly decay; the
    selected fraction of all backbone parameters grows from budget / 5 to the budget (Eq. 16).
@@ -40,7 +40,6 @@ from ..recipes.config import ScoreConfig, TuneConfig
 from ..recipes.score import run_score
 from ..recipes.tune import run_tune
 from ..runtime import progress_bar, resolve_device
-from .oracle import oracle_delta_scores
 from .pretrain import Pretrained, pretrained_weights
 from .protocol import (
     GROUPS,
@@ -138,12 +137,11 @@ def score_seed(config: BenchConfig, pretrained: Pretrained, seed: int, source: d
         stages.run("score variational", f"seed {seed}: variational", lambda: run_score(ScoreConfig(
             **common, out=files["variational"], images=config.score_images, estimator="variational",
             var_steps=config.var_steps, head=head, overwrite=True)))
-    if "oracle-delta" in config.strategies:
-        shifted = here / f"scores_{VALIDATION_STYLE}.safetensors"
+    if "oracle-delta" in config.strategies:  # F(x') from the same scenes rendered in rain (paired --shift-data)
         files["oracle"] = here / "scores_oracle.safetensors"
-        stages.run("score oracle", f"seed {seed}: oracle", lambda: (run_score(ScoreConfig(
-            **{**common, "data": source[VALIDATION_STYLE]}, out=shifted, images=config.score_images, head=head,
-            overwrite=True)), oracle_delta_scores(files["diagonal"], shifted, files["oracle"], VALIDATION_STYLE)))
+        stages.run("score oracle", f"seed {seed}: oracle", lambda: run_score(ScoreConfig(
+            **common, out=files["oracle"], images=config.score_images, shift_data=source[VALIDATION_STYLE],
+            head=head, overwrite=True)))
     return files
 
 

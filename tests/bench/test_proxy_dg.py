@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -82,7 +83,7 @@ def test_json_keys_and_paired_differences_recomputed_from_the_csv(quick):
 @pytest.mark.slow
 def test_runs_used_the_pretrained_weights_and_each_strategy_its_selection(quick):
     """Oracles: hashlib's sha256 of the cached weights; the manifests' selection and learning rates; the score
-    files each strategy ranked by (estimator, oracle record)."""
+    files each strategy ranked by (estimator; the oracle's paired --shift-data)."""
     data = quick["data"]
     weights = quick["cache"] / data["pretraining"]["file"]
     assert weights.is_file() and data["pretraining"]["cached"] is False
@@ -100,7 +101,10 @@ def test_runs_used_the_pretrained_weights_and_each_strategy_its_selection(quick)
     oracle = json.loads((work / "run_oracle-delta" / "manifest.json").read_text())
     assert var["selection"]["strategy"] == "drfim" and oracle["selection"]["strategy"] == "delta"
     assert load_scores(var["scores"])[1]["estimator"] == "variational"
-    assert load_scores(oracle["scores"])[1]["oracle"]["style"] == "rain"
+    oracle_meta = load_scores(oracle["scores"])[1]
+    assert oracle_meta["perturbation"]["family"] == "paired"  # the same scenes rendered in rain, --shift-data
+    assert Path(oracle_meta["options"]["shift_data"]).parent.name == "source_seed0"
+    assert Path(oracle_meta["options"]["shift_data"]).name == "rain"
     assert load_scores(work / "scores.safetensors")[1]["estimator"] == "diagonal"
 
 
