@@ -27,6 +27,7 @@ UNIONS = (typing.Union, types.UnionType)
 #: --perturb-strength's default per --shift family: the pixel family's was chosen on the validation style
 #: (docs/method.md, benchmarks/drfim_signal.py); Eq. 6 keeps the paper's spread
 SHIFT_STRENGTH = {"pixel": 3.0, "eq6": 1.0}
+DEFAULT_LABEL_DRAWS = 2  # --label-draws of the diagonal estimator with sampled labels: chosen there too
 # options that may change between a stopped run and its continuation: none of them changes a result
 RESUME_SAFE = ("workers", "device", "overwrite", "resume", "stop_after", "save_every", "max_bad_frac", "eval",
                "eval_every", "eval_layout", "eval_split", "eval_crop", "eval_stride")
@@ -115,8 +116,9 @@ class ScoreConfig(RunConfig):
     eq15: str = option("printed", "variational DR-FIM: printed (Eq. 15's pseudocount gamma tau^-2 / s in Delta F's "
                                   "denominator, gamma times the domain term) or substituted (Eq. 14 into Eq. 5/7)",
                        "method", before="substituted")
-    label_draws: int = option(1, "sampled labels drawn per image; its squares are averaged over them (K passes "
-                                 "per image and shift)", "method", before=1)
+    label_draws: int | None = option(None, "label (and shift) draws per image; its squares are averaged over them (K "
+                                           "passes per image and shift; default 2, chosen on a validation style; 1 "
+                                           "with --labels given and the variational estimator)", "method", before=1)
     shift: str = option("pixel", "the simulated unseen domain of F(x'): pixel (photometric, contrast, haze and blur "
                                  "change of each image; the default, chosen on a validation style) or eq6 (feature "
                                  "statistics, the paper's Eq. 6)", "shift", before="eq6")
@@ -149,7 +151,10 @@ class ScoreConfig(RunConfig):
     chunk_size: int = option(8, "images per chunk of per-image gradient work (bounds memory)", "run control")
 
     def __post_init__(self):
-        """The defaults that depend on other options: the shift family's strength, the balance of --literal."""
+        """The defaults that depend on other options: the draws per image, the shift family's strength, the balance
+        of --literal."""
+        if self.label_draws is None:
+            self.label_draws = DEFAULT_LABEL_DRAWS if (self.estimator, self.labels) == ("diagonal", "sampled") else 1
         if self.perturb_strength is None:
             self.perturb_strength = SHIFT_STRENGTH.get(self.shift, 1.0)
         if self.combine is None:
