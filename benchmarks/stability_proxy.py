@@ -1,18 +1,17 @@
 """Stability of the variational DR-FIM vs the diagonal DR-FIM at equal compute, on the proxy benchmark's backbone.
 
-Protocol. The foundation model is the proxy benchmark's pretrained ViT (``fisherscan.bench.pretrain``, the v1
-``PretrainConfig``, cached). One linear head is warmed up once (200 steps, lr 3e-3, on 128 source scenes of seed
-``SOURCE_SEED``) and shared. For each seed: ``--images`` new source scenes (seed ``SOURCE_SEED + 1 + seed``) and fresh
-draws; on them
+Protocol. The foundation model is the proxy benchmark's pretrained ViT (``fisherscan.bench.pretrain``, its
+``PretrainConfig``, cached), the scenes in its protocol's source style. One linear head is warmed up once (200
+steps, lr 3e-3, on 128 source scenes of seed ``SOURCE_SEED``) and shared. For each seed: ``--images`` new source
+scenes (seed ``SOURCE_SEED + 1 + seed``) and fresh draws; on them
 
 - the variational DR-FIM: ``run_score(estimator="variational")`` from the shared head (tau from the pilot,
   ``--var-steps`` steps per precision, Eq. 15 as printed), one run per variant (``--variants``: vogn (the
   default), reparam (``--var-curvature reparam``), vogn-s=images (the likelihood scale s = the number of images
   instead of the pilot's narrow-posterior rule));
-- the diagonal DR-FIM with K label draws: the score recipe's own loop (Eq. 6 draws keyed on (seed, image), labels
-  keyed on (seed, image, draw)), K single-draw squared-gradient sums averaged, K chosen so that it makes as many
-  forward+backward passes (of one batch) as the variant: K = round(variational passes / (2 * batches)).
-  (K = 1 is checked against ``run_score``'s diagonal scores.)
+- the diagonal DR-FIM with K label draws: ``run_score(label_draws=K)`` (each draw with its own labels and shift,
+  keyed on (seed, image, draw)), K chosen so that it makes as many forward+backward passes (of one batch) as the
+  variant: K = round(variational passes / (2 * batches)).
 
 Reported per estimator: the mean pairwise Jaccard of the top-5% candidate elements (Q, K, V, FFN) across seeds, of
 DR-FIM and of F(x), and Spearman. Extra rows make the comparison transparent: the variational fits combined by
@@ -24,6 +23,7 @@ Also the time of one pass of each estimator relative to a plain training step on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import platform
@@ -41,19 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import plain_training_step  # noqa: E402
 
 from fisherscan.bench.pretrain import MODEL, PretrainConfig, pretrained_weights  # noqa: E402
-from fisherscan.bench.proxy_dg import SOURCE_SEED  # noqa: E402
+from fisherscan.bench.protocol import SOURCE_SEED, SOURCE_STYLE  # noqa: E402
 from fisherscan.data.datasets import make_loader  # noqa: E402
-from fisherscan.data.labels import IGNORE_INDEX  # noqa: E402
 from fisherscan.data.synthetic import write_dataset  # noqa: E402
-from fisherscan.fisher.diagonal import FisherAccumulator, make_engine  # noqa: E402
+from fisherscan.fisher.diagonal import make_engine  # noqa: E402
 from fisherscan.fisher.drfim import fisher_scale  # noqa: E402
-from fisherscan.fisher.perturb import TokenShift  # noqa: E402
 from fisherscan.fisher.variational_segmentation import variational_fit  # noqa: E402
 from fisherscan.models.groups import CANDIDATE_GROUPS, candidate_names, parameter_groups  # noqa: E402
 from fisherscan.recipes import distributed  # noqa: E402
 from fisherscan.recipes.config import ScoreConfig  # noqa: E402
 from fisherscan.recipes.score import combine, prepare_head, run_score, set_up  # noqa: E402
-from fisherscan.recipes.score_loop import label_uniforms, patch_tokens_at, prepare_shift  # noqa: E402
 from fisherscan.runtime import progress_bar  # noqa: E402
 from fisherscan.scores.file import load_scores  # noqa: E402
 
@@ -87,28 +84,12 @@ def config_for(common: dict, **options) -> ScoreConfig:
 
 
 def diagonal_draws(config: ScoreConfig, draws: int) -> tuple[dict, dict, float]:
-    """F(x), F(x') and the mean shift s of the score recipe's diagonal loop with ``draws`` label draws per image
-    (draw k keyed on (seed, image, k)); the head is the recipe's (``config.head``)."""
-    ranks, device = distributed.setup(torch.device("cpu"))
-    run = set_up(config, ranks, device)
-    with progress_bar(None) as progress:
-        prepare_head(run, progress)
-    engine = make_engine(run.segmenter, chunk_size=config.chunk_size)
-    shift = TokenShift(run.segmenter, config.perturb_at)
-    shapes = {n: p.shape for n, p in engine.params.items()}
-    clean, shifted, magnitude = FisherAccumulator(shapes), FisherAccumulator(shapes), 0.0
-    for x, y, indices in make_loader(run.dataset, config.batch_size, 0):
-        indices = [int(i) for i in indices]
-        eps, size = prepare_shift(shift, patch_tokens_at(run.segmenter, x, config.perturb_at), indices, config)
-        magnitude += size
-        for draw in range(draws):
-            uniforms = label_uniforms(config, y, indices, draw)
-            clean.add(engine.squared_gradient_sum(x, y, uniforms, ignore_index=IGNORE_INDEX), len(indices))
-            shifted.add(engine.squared_gradient_sum(x, y, uniforms, ignore_index=IGNORE_INDEX, shift=shift,
-                                                    shift_eps=eps), len(indices))
-    strip = len("backbone.")
-    return ({n[strip:]: v for n, v in clean.fisher().items()}, {n[strip:]: v for n, v in shifted.fisher().items()},
-            magnitude / len(run.dataset))
+    """F(x), F(x') and the mean shift s of the score recipe's diagonal estimator with ``--label-draws draws`` (each
+    draw k with its own labels and shift, keyed on (seed, image, k)); the head is the recipe's (``config.head``)."""
+    out = config.out.with_name(f"{config.out.stem}_x{draws}.safetensors")
+    run_score(dataclasses.replace(config, label_draws=draws, out=out, overwrite=True))
+    scores, meta = load_scores(out)
+    return scores["fim"], scores["fim_shift"], meta["shift"]["magnitude"]
 
 
 def pass_costs(segmenter_config: ScoreConfig, repeats: int) -> dict:
@@ -150,8 +131,8 @@ def pass_costs(segmenter_config: ScoreConfig, repeats: int) -> dict:
 
 def run_seed(seed: int, args, common: dict, head: Path, work: Path, groups: dict, candidates: list[str]) -> dict:
     """Every estimator's F(x) and DR-FIM candidate vectors for one seed, and the passes each made."""
-    source = write_dataset(work / f"source{seed}", domains=("source",), images_per_domain=args.images, size=(64, 64),
-                           seed=SOURCE_SEED + 1 + seed)["source"]
+    source = write_dataset(work / f"source{seed}", domains=(SOURCE_STYLE,), images_per_domain=args.images,
+                           size=(64, 64), seed=SOURCE_SEED + 1 + seed)[SOURCE_STYLE]
     base = config_for(common, data=source, seed=seed, head=head, out=work / f"diag{seed}.safetensors")
     batches = -(-args.images // base.batch_size)
     out, passes, cache = {}, {}, {}
@@ -187,10 +168,8 @@ def run_seed(seed: int, args, common: dict, head: Path, work: Path, groups: dict
                  "tau": (pseudocount * info["likelihood_scale"] / info["gamma"]) ** -0.5}
         pseudo, _ = combine(f_clean, f_shift, magnitude, base, candidates, prior)
         record(f"diagonal x {draws} with Eq. 15's pseudocount of {variant}", pseudo)
-    run_score(base)  # the recipe's diagonal (one draw): the K = 1 loop must equal it
+    run_score(dataclasses.replace(base, label_draws=1))  # the recipe's diagonal with one draw
     scores, _ = load_scores(base.out)
-    f_clean, f_shift, magnitude = diagonal_draws(base, 1)
-    assert all(torch.allclose(f_clean[n], scores["fim"][n], rtol=1e-5, atol=0) for n in f_clean), "K=1 != recipe"
     record("diagonal x 1", scores)
     passes["diagonal x 1"] = 2 * batches
     return {"vectors": out, "passes": passes}
@@ -214,8 +193,8 @@ def main(argv=None):
     work = args.work or Path(tempfile.mkdtemp(prefix="fisherscan-stability-"))
     common = dict(model=MODEL, weights=pretrained.path, layout="generic", crop=64, batch_size=8, device="cpu",
                   workers=0, overwrite=True)
-    head_data = write_dataset(work / "head", domains=("source",), images_per_domain=128, size=(64, 64),
-                              seed=SOURCE_SEED)["source"]
+    head_data = write_dataset(work / "head", domains=(SOURCE_STYLE,), images_per_domain=128, size=(64, 64),
+                              seed=SOURCE_SEED)[SOURCE_STYLE]
     head_scores = work / "head_scores.safetensors"
     run_score(config_for(common, data=head_data, out=head_scores, warmup_steps=200, warmup_lr=3e-3, images=8))
     head = head_scores.with_name("head_scores.head.safetensors")
@@ -245,7 +224,9 @@ def main(argv=None):
               "compared": {"variational": f"variational {first}", "diagonal": equal},
               "rows": rows, "cost_per_pass_cpu": costs,
               "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                           "model": MODEL, "pretrained": pretrained.path.name, "batch_size": 8, "crop": 64},
+                           "model": MODEL, "pretrained": pretrained.path.name,
+                           "pretrain_config_hash": PretrainConfig().key(), "source_style": SOURCE_STYLE,
+                           "batch_size": 8, "crop": 64},
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
               "torch": torch.__version__, "seconds": time.perf_counter() - start}
     args.out.parent.mkdir(parents=True, exist_ok=True)
