@@ -6,18 +6,38 @@ rules at about the cost of a training step), ``vmap`` (the reference path), ``di
 ``perturb`` (Eq. 6), ``drfim`` (Eq. 5/7 and 15 and their defaults).
 """
 
-from ..models.logits import upsample_logits
-from .diagonal import ENGINES, FisherAccumulator, diagonal_fisher, make_engine, squared_gradient_sum
-from .drfim import default_delta_eps, delta_fisher, dr_fim, dr_fim_terms, fisher_scale, shift_weight
-from .engine import HookEngine
-from .loss import LABEL_MODES, image_loss, labelled_loss, sample_labels, trainable_parameters
-from .perturb import TokenShift, perturb_statistics
-from .variational import VariationalResult, fit_precision, precision_to_fisher
-from .variational_segmentation import variational_fisher, variational_fit
-from .vmap import vmap_squared_gradient_sum
+from ..lazy import lazy_attribute
 
-__all__ = ["upsample_logits", "ENGINES", "FisherAccumulator", "diagonal_fisher", "make_engine",
-           "squared_gradient_sum", "delta_fisher", "default_delta_eps", "dr_fim", "dr_fim_terms", "fisher_scale",
-           "shift_weight", "HookEngine", "LABEL_MODES", "image_loss", "labelled_loss", "sample_labels",
-           "trainable_parameters", "TokenShift", "perturb_statistics", "VariationalResult", "fit_precision",
-           "precision_to_fisher", "variational_fisher", "variational_fit", "vmap_squared_gradient_sum"]
+_EXPORTS = {  # name -> the submodule it comes from (imported on first use)
+    "upsample_logits": "..models.logits",
+    "ENGINES": ".diagonal",
+    "FisherAccumulator": ".diagonal",
+    "diagonal_fisher": ".diagonal",
+    "make_engine": ".diagonal",
+    "squared_gradient_sum": ".diagonal",
+    "default_delta_eps": ".drfim",
+    "delta_fisher": ".drfim",
+    "dr_fim": ".drfim",
+    "dr_fim_terms": ".drfim",
+    "fisher_scale": ".drfim",
+    "shift_weight": ".drfim",
+    "HookEngine": ".engine",
+    "LABEL_MODES": ".loss",
+    "image_loss": ".loss",
+    "labelled_loss": ".loss",
+    "sample_labels": ".loss",
+    "trainable_parameters": ".loss",
+    "TokenShift": ".perturb",
+    "perturb_statistics": ".perturb",
+    "VariationalResult": ".variational",
+    "fit_precision": ".variational",
+    "precision_to_fisher": ".variational",
+    "variational_fisher": ".variational_segmentation",
+    "variational_fit": ".variational_segmentation",
+    "vmap_squared_gradient_sum": ".vmap",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    return lazy_attribute(__name__, _EXPORTS, name)

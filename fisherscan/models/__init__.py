@@ -5,14 +5,37 @@ parameter element into Q, K, V, FFN, ... (Eq. 3), ``segmenter`` puts a decoder (
 imports nothing from the Fisher layer.
 """
 
-from .backbone import Backbone, build_backbone, create_architecture, meta_architecture, patch_tokens, registry_rows
-from .checkpoints import convert_state_dict, load_weights, read_state_dict, resolve_weights
-from .families import FAMILIES, Family, ModelEntry, mae_sincos_table
-from .heads import head_path_for, load_head, save_head
-from .registry import REGISTRY, base_name, family_of, hub_checkpoint_dir, timm_kwargs_of, timm_name_of
-from .segmenter import DECODERS, Segmenter
+from ..lazy import lazy_attribute
 
-__all__ = ["Backbone", "build_backbone", "create_architecture", "meta_architecture", "patch_tokens",
-           "registry_rows", "convert_state_dict", "load_weights", "read_state_dict", "resolve_weights", "FAMILIES",
-           "Family", "ModelEntry", "mae_sincos_table", "head_path_for", "load_head", "save_head", "REGISTRY",
-           "base_name", "family_of", "hub_checkpoint_dir", "timm_kwargs_of", "timm_name_of", "DECODERS", "Segmenter"]
+_EXPORTS = {  # name -> the submodule it comes from (imported on first use)
+    "Backbone": ".backbone",
+    "build_backbone": ".backbone",
+    "create_architecture": ".backbone",
+    "meta_architecture": ".backbone",
+    "patch_tokens": ".backbone",
+    "registry_rows": ".backbone",
+    "convert_state_dict": ".checkpoints",
+    "load_weights": ".checkpoints",
+    "read_state_dict": ".checkpoints",
+    "resolve_weights": ".checkpoints",
+    "FAMILIES": ".families",
+    "Family": ".families",
+    "ModelEntry": ".families",
+    "mae_sincos_table": ".families",
+    "head_path_for": ".heads",
+    "load_head": ".heads",
+    "save_head": ".heads",
+    "REGISTRY": ".registry",
+    "base_name": ".registry",
+    "family_of": ".registry",
+    "hub_checkpoint_dir": ".registry",
+    "timm_kwargs_of": ".registry",
+    "timm_name_of": ".registry",
+    "DECODERS": ".segmenter",
+    "Segmenter": ".segmenter",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    return lazy_attribute(__name__, _EXPORTS, name)
