@@ -19,11 +19,14 @@ backbone parameters) as tune uses; each number is the mean over the 3 seed pairs
 
 Protocol: the grid and the rule that picks the new defaults (``choose``) are fixed in this file before the test
 scenes are scored. ``--scenes validation`` (scene seed 300) is where the defaults are chosen; ``--scenes test``
-(scene seed 400, disjoint) reports them. Neither uses a test style of ``fisherscan bench``.
+(scene seed 400, disjoint) reports them (``--chosen-from`` the validation JSON). The choice uses no test style of
+``fisherscan bench``; fog (one of its "seen" test styles) is scored only to report how well one real style's Delta F
+predicts another's, and chooses nothing.
 
     OMP_NUM_THREADS=1 python benchmarks/drfim_signal.py --scenes validation \
         --out benchmarks/results/drfim_signal_validation.json
-    OMP_NUM_THREADS=1 python benchmarks/drfim_signal.py --out benchmarks/results/drfim_signal.json   # test scenes
+    OMP_NUM_THREADS=1 python benchmarks/drfim_signal.py --scenes test \
+        --chosen-from benchmarks/results/drfim_signal_validation.json --out benchmarks/results/drfim_signal.json
     python benchmarks/drfim_signal.py --quick --out /tmp/drfim_signal_quick.json                     # CI smoke run
 """
 
