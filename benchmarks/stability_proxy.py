@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import plain_training_step  # noqa: E402
+from stability import spearman, top_set  # noqa: E402  (the first study's; the same rank agreement)
 
 from fisherscan.bench.pretrain import MODEL, PretrainConfig, pretrained_weights  # noqa: E402
 from fisherscan.bench.protocol import SOURCE_SEED, SOURCE_STYLE  # noqa: E402
@@ -60,15 +61,6 @@ VARIANTS = {"vogn": {}, "reparam": {"var_curvature": "reparam"}, "vogn-s=images"
 def candidate_vector(scores: dict, groups: dict) -> torch.Tensor:
     return torch.cat([scores[name][piece.rows].reshape(-1).double() for name in sorted(scores)
                       for piece in groups[name] if piece.group in CANDIDATE_GROUPS])
-
-
-def top_set(values: torch.Tensor, fraction: float = 0.05) -> set[int]:
-    return set(torch.topk(values, max(1, int(fraction * values.numel()))).indices.tolist())
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def agreement(vectors: list[torch.Tensor]) -> dict:
