@@ -61,8 +61,9 @@ SCENE_SEEDS = {"validation": 300, "test": 400}
 SEEDS, REFERENCE_SEEDS, SECOND_STYLE_SEEDS = (0, 1, 2), (100, 101, 102), (200, 201, 202)
 REFERENCE_STYLE = VALIDATION_STYLE  # rain: never a test style of fisherscan bench
 SECOND_STYLE = "fog"  # only to report how well one real style predicts another
-# The fixed grid (at most 12 settings), the old defaults first; every setting spells out its shift.
-OLD = {"shift": "eq6", "perturb_strength": 1.0, "combine": "sum"}  # the defaults before this study
+# The fixed grid (at most 12 settings), the old defaults first; every setting spells out its shift, strength and
+# label draws (the options whose defaults this study moved), so a run today scores what the grid says.
+OLD = {"shift": "eq6", "perturb_strength": 1.0, "combine": "sum", "label_draws": 1}  # the defaults before this study
 GRID = {
     "old": OLD,
     "eq6-x3": {**OLD, "perturb_strength": 3.0},
@@ -70,9 +71,9 @@ GRID = {
     "eq6-sites-0,2,4-x3-pool": {**OLD, "perturb_at": (0, 2, 4), "perturb_prob": 0.5, "perturb_strength": 3.0,
                                 "spread": "pool"},
     "draws-2": {**OLD, "label_draws": 2},
-    "pixel": {"shift": "pixel", "perturb_strength": 1.0},
-    "pixel-x2": {"shift": "pixel", "perturb_strength": 2.0},
-    "pixel-x3": {"shift": "pixel", "perturb_strength": 3.0},
+    "pixel": {"shift": "pixel", "perturb_strength": 1.0, "label_draws": 1},
+    "pixel-x2": {"shift": "pixel", "perturb_strength": 2.0, "label_draws": 1},
+    "pixel-x3": {"shift": "pixel", "perturb_strength": 3.0, "label_draws": 1},
     "pixel-draws-2": {"shift": "pixel", "perturb_strength": 1.0, "label_draws": 2},
     "pixel-x2-draws-2": {"shift": "pixel", "perturb_strength": 2.0, "label_draws": 2},
     "pixel-x3-draws-2": {"shift": "pixel", "perturb_strength": 3.0, "label_draws": 2},

@@ -21,6 +21,10 @@ restricted to those parameters (``fisherscan.fisher.vmap``, "fallback"). Paramet
 found once per engine and get exact zeros ("unused"). ``HookEngine.visits`` records which way each parameter went.
 Build one engine per model and run; it holds no batch between calls.
 
+Label draws share the forward (``squared_gradient_sum_over_draws``): Eq. 9's expectation over y by K sampled label
+maps of the same image needs K backward passes but one forward, the graph kept until the last backward, each kept
+input until its rule has run for the last draw.
+
 ``fused=True`` (experimental, off by default) sums a Linear weight's per-image squares in one Triton kernel
 (``fisherscan.fisher.fused``, "linear_fused") instead of materialising the per-image gradients, where it can run.
 """
@@ -28,6 +32,7 @@ Build one engine per model and run; it holds no batch between calls.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +44,7 @@ from ..models.logits import upsample_logits
 from . import fused, rules
 from .loss import labelled_loss
 from .perturb import TokenShift
-from .vmap import vmap_squared_gradient_sum
+from .vmap import add_sums, vmap_squared_gradient_sum
 
 FALLBACK = "fallback"
 FUSED = "linear_fused"
@@ -124,8 +129,11 @@ class _Site:
         output.register_hook(lambda g: self.apply(engine, g))
 
     def apply(self, engine: HookEngine, g: torch.Tensor) -> None:
-        """Output-gradient hook: the rule on (kept input, g), a chunk of images at a time, squared into the sums."""
-        x, self.saved = self.saved, None
+        """Output-gradient hook: the rule on (kept input, g), a chunk of images at a time, squared into the sums
+        (the input kept for the next label draw's backward, freed after the last)."""
+        x = self.saved
+        if engine.last_draw:
+            self.saved = None
         images = engine.images
         if self.failed or x is None or x.shape[0] != g.shape[0] or x.shape[0] % images:
             self.failed = True
@@ -159,7 +167,8 @@ class _Site:
         saved input (other layers' hooks paused) and autograd to its own parameters only, with the output
         gradient as the cotangent. Any failure leaves the parameters to the vmap fallback."""
         args, kwargs, autocast = self.call
-        self.call = None
+        if engine.last_draw:
+            self.call = None
         params = {local: getattr(self.module, local) for local in self.names}
         grads = {local: [] for local in params}
         try:
@@ -317,6 +326,7 @@ class HookEngine:
         self.leaves: list[torch.Tensor] = []
         self.sums: dict[str, torch.Tensor] = {}
         self.images = 0
+        self.last_draw = True  # the backward of the forward's last label draw: kept inputs can go
         self.last_loss: torch.Tensor | None = None
         self._unused_cache: dict[tuple[str, ...], set[str]] = {}
 
@@ -325,39 +335,53 @@ class HookEngine:
                              shift_eps: tuple[torch.Tensor, ...] | None = None,
                              autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """sum_i (d loss_i / d theta)^2 over the images of the batch, fp32, for every scored parameter."""
+        return self.squared_gradient_sum_over_draws(x, y, [uniforms], ignore_index=ignore_index, shift=shift,
+                                                    shift_eps=shift_eps, autocast_dtype=autocast_dtype)
+
+    def squared_gradient_sum_over_draws(self, x: torch.Tensor, y: torch.Tensor,
+                                        draws: Sequence[torch.Tensor | None], *, ignore_index: int = 255,
+                                        shift: TokenShift | None = None,
+                                        shift_eps: tuple[torch.Tensor, ...] | None = None,
+                                        autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """sum_k sum_i (d loss_i(y_ik) / d theta)^2 for the label draws k (each draw's uniforms, or None for y):
+        Eq. 9's expectation over y by len(draws) samples, before the 1/K. One forward serves every draw, one
+        backward each; the same values, bit for bit, as the sum of ``squared_gradient_sum`` over the draws in order.
+        """
         self.images = x.shape[0]
         if shift is not None and shift_eps is None:
             shift_eps = (torch.zeros(self.images, 1), torch.zeros(self.images, 1))
         try:
-            self._hooked_pass(x, y, uniforms, ignore_index, shift, shift_eps, autocast_dtype)
+            sums = self._hooked_pass(x, y, draws, ignore_index, shift, shift_eps, autocast_dtype)
         except RuntimeError as error:
             if not self.leaf_mode or "leaf Variable" not in str(error):
                 raise
             self.leaf_mode = False  # the model writes in place into a leaf: the backward from the image, for good
-            self._hooked_pass(x, y, uniforms, ignore_index, shift, shift_eps, autocast_dtype)
-        sums, self.sums = self.sums, {}
+            sums = self._hooked_pass(x, y, draws, ignore_index, shift, shift_eps, autocast_dtype)
         for site in self.sites:
             if site.failed or site.calls != 1:
                 for full in site.names.values():
                     self.visits.pop(full, None)
                     sums[full].zero_()
         rest = [n for n in self.params if n not in self.visits]
-        unused = self._unused(rest, x, y, uniforms, ignore_index, autocast_dtype) if rest else set()
+        unused = self._unused(rest, x, y, draws[0], ignore_index, autocast_dtype) if rest else set()
         self.visits.update(dict.fromkeys(unused, UNUSED))  # no path to the loss: the gradient is exactly zero
         rest = [n for n in rest if n not in unused]
         if rest:
-            extra = vmap_squared_gradient_sum(self.model, {n: self.params[n] for n in rest}, x, y, uniforms,
-                                              ignore_index=ignore_index, shift=shift, shift_eps=shift_eps,
-                                              chunk_size=self.chunk_size, autocast_dtype=autocast_dtype)
+            extra = None
+            for uniforms in draws:
+                one = vmap_squared_gradient_sum(self.model, {n: self.params[n] for n in rest}, x, y, uniforms,
+                                                ignore_index=ignore_index, shift=shift, shift_eps=shift_eps,
+                                                chunk_size=self.chunk_size, autocast_dtype=autocast_dtype)
+                extra = add_sums(extra, one)
             for n in rest:
                 sums[n] = extra[n]
                 self.visits[n] = FALLBACK
         return sums
 
-    def _hooked_pass(self, x, y, uniforms, ignore_index, shift, shift_eps, autocast_dtype) -> None:
-        """One batched forward and backward with the sites' hooks attached: the rules fill ``self.sums``."""
-        self.visits, self.leaves = {}, []
-        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+    def _hooked_pass(self, x, y, draws, ignore_index, shift, shift_eps, autocast_dtype) -> dict[str, torch.Tensor]:
+        """One batched forward, then one backward per label draw, with the sites' hooks attached: the rules fill
+        ``self.sums`` in each backward; returns their sum over the draws (added in draw order)."""
+        self.visits, self.leaves, total = {}, [], None
         with _only_requiring_grad(self.model, []), contextlib.ExitStack() as stack:
             for site in [*self.sites, *self.token_sites]:
                 site.attach(self, stack)
@@ -365,21 +389,31 @@ class HookEngine:
                 stack.enter_context(shift)
                 shift.eps = tuple(e.to(x.device) for e in shift_eps)
             x_in = x.detach() if self.leaf_mode else x.detach().requires_grad_(True)
-            loss = self._loss(x_in, y, uniforms, ignore_index, autocast_dtype)  # sum over images of each one's
+            logits = self._logits(x_in, tuple(y.shape[-2:]), autocast_dtype)
             targets = self.leaves if self.leaf_mode else [x_in]
-            if loss.requires_grad and targets:
-                torch.autograd.grad(loss, targets, allow_unused=True)
-            self.last_loss = loss.detach()  # the batch's summed loss (the VOGN curvature records it)
-            del loss
-            self.leaves = []
-            for token in self.token_sites:
-                token.finish(self)
+            for k, uniforms in enumerate(draws):
+                self.last_draw = k == len(draws) - 1
+                self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+                loss = labelled_loss(logits, y, uniforms, ignore_index)  # sum over images of each one's
+                if loss.requires_grad and targets:
+                    torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=not self.last_draw)
+                self.last_loss = loss.detach()  # the batch's summed loss (the VOGN curvature records it)
+                del loss
+                for token in self.token_sites:
+                    token.finish(self)
+                total = add_sums(total, self.sums)
+            self.leaves, self.sums, self.last_draw = [], {}, True
+        return total
 
-    def _loss(self, x, y, uniforms, ignore_index, autocast_dtype) -> torch.Tensor:
-        """Eq. 9's loss summed over the batch's images, the model run in ``autocast_dtype`` (or fp32)."""
+    def _logits(self, x, size: tuple[int, int], autocast_dtype) -> torch.Tensor:
+        """The model's logits upsampled to the label ``size``, fp32, the model run in ``autocast_dtype`` (or fp32)."""
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = self.model(x)
-        return labelled_loss(upsample_logits(logits.float(), tuple(y.shape[-2:])), y, uniforms, ignore_index)
+        return upsample_logits(logits.float(), size)
+
+    def _loss(self, x, y, uniforms, ignore_index, autocast_dtype) -> torch.Tensor:
+        """Eq. 9's loss summed over the batch's images."""
+        return labelled_loss(self._logits(x, tuple(y.shape[-2:]), autocast_dtype), y, uniforms, ignore_index)
 
     def _unused(self, names: list[str], x, y, uniforms, ignore_index, autocast_dtype) -> set[str]:
         """Which of ``names`` have no path to the loss (such as a norm only the classification head uses): one

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -16,6 +17,11 @@ from torch.func import functional_call, grad, vmap
 from ..models.logits import upsample_logits
 from .loss import labelled_loss
 from .perturb import TokenShift
+
+
+def add_sums(total: dict[str, torch.Tensor] | None, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``total + sums`` by name (``sums`` itself when ``total`` is None): how label draws' sums are added, in order."""
+    return sums if total is None else {n: total[n] + sums[n] for n in total}
 
 
 def vmap_squared_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -69,3 +75,12 @@ class VmapEngine:
                              **options) -> dict[str, torch.Tensor]:
         return vmap_squared_gradient_sum(self.model, self.params, x, y, uniforms, chunk_size=self.chunk_size,
                                          **options)
+
+    def squared_gradient_sum_over_draws(self, x: torch.Tensor, y: torch.Tensor,
+                                        draws: Sequence[torch.Tensor | None], **options) -> dict[str, torch.Tensor]:
+        """The sum over the label draws of ``squared_gradient_sum``, added in draw order (a map of its own per
+        draw: torch.func shares no forward between them)."""
+        total = None
+        for uniforms in draws:
+            total = add_sums(total, self.squared_gradient_sum(x, y, uniforms, **options))
+        return total

@@ -117,8 +117,9 @@ class ScoreConfig(RunConfig):
                                   "denominator, gamma times the domain term) or substituted (Eq. 14 into Eq. 5/7)",
                        "method", before="substituted")
     label_draws: int | None = option(None, "label (and shift) draws per image; its squares are averaged over them (K "
-                                           "passes per image and shift; default 2, chosen on a validation style; 1 "
-                                           "with --labels given and the variational estimator)", "method", before=1)
+                                           "backwards on one clean forward, K shifted passes; default 2, chosen on "
+                                           "a validation style; 1 with --labels given and the variational "
+                                           "estimator)", "method", before=1)
     shift: str = option("pixel", "the simulated unseen domain of F(x'): pixel (photometric, contrast, haze and blur "
                                  "change of each image; the default, chosen on a validation style) or eq6 (feature "
                                  "statistics, the paper's Eq. 6)", "shift", before="eq6")

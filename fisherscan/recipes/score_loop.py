@@ -5,7 +5,8 @@ One loop over a batch plan serves both: the plan cuts every global batch of ``--
 contiguous part per rank (one part, the whole batch, in a single process). Label uniforms and every shift draw are
 keyed on (seed, image index), and Eq. 6's batch spread is that of the global batch, so the scores do not depend on
 the number of ranks. ``--label-draws K`` averages each image's squares over K label draws (draw 0 is the one a
-single-draw run makes); F(x) and F(x') share each draw's uniforms. ``--replicates 2`` keeps the images of even and
+single-draw run makes); F(x) and F(x') share each draw's uniforms, and F(x)'s draws share one forward (K + 1
+forwards and 2K backwards per batch). ``--replicates 2`` keeps the images of even and
 odd index in two accumulators (the halves whose agreement measures the scores' reliability); the full sums are
 their sum. Per batch, every rank takes the same decisions (``distributed.agree``): a batch that could not be read
 on some rank stops every rank with that one-line error; a batch part whose sums are not finite is skipped and the
@@ -26,6 +27,7 @@ from rich.progress import Progress
 from ..data.labels import IGNORE_INDEX
 from ..errors import FisherscanError
 from ..fisher.diagonal import FisherAccumulator
+from ..fisher.vmap import add_sums
 from ..models.segmenter import Segmenter
 from ..rng import keyed_generator
 from ..runtime import step_done
@@ -107,59 +109,53 @@ def all_finite(sums: dict[str, torch.Tensor]) -> bool:
     return bool(torch.stack([v.isfinite().all() for v in sums.values()]).all())
 
 
-def squares(engine, x, y, indices, config: ScoreConfig, autocast_dtype, draw: int, hook=None, draws=None) -> dict:
-    """sum_i of each image's squared gradient (Eq. 9) for label draw ``draw``."""
-    return engine.squared_gradient_sum(x, y, label_uniforms(config, y, indices, draw), ignore_index=IGNORE_INDEX,
-                                       shift=hook, shift_eps=draws, autocast_dtype=autocast_dtype)
-
-
-def accumulate(total: dict | None, sums: dict) -> dict:
-    return sums if total is None else {n: total[n] + sums[n] for n in total}
+def squares(engine, x, y, indices, config: ScoreConfig, autocast_dtype, draws: range, hook=None,
+            shift_draws=None) -> dict:
+    """sum over the label ``draws`` of sum_i each image's squared gradient (Eq. 9); one forward serves them all."""
+    return engine.squared_gradient_sum_over_draws(
+        x, y, [label_uniforms(config, y, indices, draw) for draw in draws], ignore_index=IGNORE_INDEX,
+        shift=hook, shift_eps=shift_draws, autocast_dtype=autocast_dtype)
 
 
 def score_batch(engine, state: ScoringState, x: torch.Tensor, y: torch.Tensor, indices: list[int],
                 prepare, y_shift: torch.Tensor, config: ScoreConfig, autocast_dtype: torch.dtype | None) -> bool:
-    """F(x) and F(x') (Eq. 9) of one batch (part) into ``state``, each image into its replicate: for each of the
-    ``label_draws`` draws, ``prepare(draw)`` gives the shifted pass's input (a shift draw of its own), and both
-    passes use that draw's label uniforms; the squares are averaged over the draws.
+    """F(x) and F(x') (Eq. 9) of one batch (part) into ``state``, each image into its replicate, averaged over the
+    ``label_draws`` draws: F(x) from one forward and a backward per draw; for F(x'), ``prepare(draw)`` gives each
+    draw's input (a shift draw of its own, so a forward of its own). Both passes of a draw use its label uniforms.
 
     Returns False, and adds nothing, when any squared-gradient sum (or the shift) is not finite; every draw's shift
     is still prepared then (its statistics are a collective on every rank).
     """
     replicates, draws = len(state.parts), config.label_draws
-    rows = [[j for j, i in enumerate(indices) if i % replicates == part] for part in range(replicates)]
-    totals = [[None, None, 0.0] for _ in range(replicates)]
-    finite = True
+    parts = []  # (replicate, a function selecting its rows, its image indices)
+    for part in range(replicates):
+        rows = [j for j, i in enumerate(indices) if i % replicates == part]
+        if rows:
+            pick = (lambda t: t) if replicates == 1 else (lambda t, r=rows: t[torch.tensor(r, device=t.device)])
+            parts.append((part, pick, [indices[j] for j in rows]))
+    clean = [squares(engine, pick(x), pick(y), own, config, autocast_dtype, range(draws)) for _, pick, own in parts]
+    finite = all(all_finite(sums) for sums in clean)
+    shifted, magnitudes = [None] * len(parts), [0.0] * len(parts)
     for draw in range(draws):
         prepared = prepare(draw)
         finite = finite and bool(prepared.magnitudes.isfinite().all())
-        if not finite:
-            continue
-        for part, own_rows in enumerate(rows):
-            if not own_rows:
-                continue
-            pick = (lambda t: t) if replicates == 1 else \
-                (lambda t, r=own_rows: t[torch.tensor(r, device=t.device)])
-            own = [indices[j] for j in own_rows]
-            clean = squares(engine, pick(x), pick(y), own, config, autocast_dtype, draw)
+        for p, (_, pick, own) in enumerate(parts if finite else []):
             shift_draws = None if prepared.draws is None else tuple(pick(d) for d in prepared.draws)
-            shifted = squares(engine, pick(prepared.x), pick(y_shift), own, config, autocast_dtype, draw,
-                              prepared.hook, shift_draws)
-            finite = all_finite(clean) and all_finite(shifted)
+            sums = squares(engine, pick(prepared.x), pick(y_shift), own, config, autocast_dtype, range(draw, draw + 1),
+                           prepared.hook, shift_draws)
+            finite = all_finite(sums)
             if not finite:
                 break
-            total = totals[part]
-            total[0], total[1] = accumulate(total[0], clean), accumulate(total[1], shifted)
-            total[2] += float(pick(prepared.magnitudes).sum())
+            shifted[p] = add_sums(shifted[p], sums)
+            magnitudes[p] += float(pick(prepared.magnitudes).sum())
     if not finite:
         return False
-    for part, own_rows in enumerate(rows):
-        clean, shifted, magnitude = totals[part]
-        if own_rows:
-            if draws > 1:
-                clean, shifted = {n: v / draws for n, v in clean.items()}, {n: v / draws for n, v in shifted.items()}
-                magnitude /= draws
-            state.parts[part].add(clean, shifted, len(own_rows), magnitude)
+    for p, (part, _, own) in enumerate(parts):
+        f_clean, f_shift, magnitude = clean[p], shifted[p], magnitudes[p]
+        if draws > 1:
+            f_clean, f_shift = {n: v / draws for n, v in f_clean.items()}, {n: v / draws for n, v in f_shift.items()}
+            magnitude /= draws
+        state.parts[part].add(f_clean, f_shift, len(own), magnitude)
     return True
 
 

@@ -15,6 +15,7 @@ from fisherscan.fisher.diagonal import squared_gradient_sum
 from fisherscan.fisher.engine import FALLBACK, RECOMPUTE, UNUSED, HookEngine
 from fisherscan.fisher.loss import trainable_parameters
 from fisherscan.fisher.perturb import TokenShift
+from fisherscan.fisher.vmap import VmapEngine
 
 # family -> (timm architecture, reduced create_model kwargs); depth 2, width 32, tiny images
 FAMILIES = {
@@ -257,3 +258,57 @@ def test_a_model_writing_in_place_into_the_first_output_takes_the_gradient_of_th
     assert_close_dicts({n: v / 3 for n, v in got.items()}, brute_force_fisher(model, [(x, y)]))
     again = engine.squared_gradient_sum(x, y)  # the second batch goes the image's way at once
     assert_close_dicts(again, got, rtol=1e-6)
+
+
+def count_forwards(model: nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_label_draws_share_one_forward_and_equal_the_per_image_loop(family):
+    """K label draws of one batch: one forward, K backwards. Oracle: the brute-force loop over the K draws (a
+    separate forward per image and draw); and bit for bit the sum of K single-draw calls, in draw order."""
+    name, model, size = family
+    x, y = images(size, seed=8)
+    draws = [torch.rand(y.shape, generator=torch.Generator().manual_seed(10 + k)) for k in range(3)]
+    engine = HookEngine(model, trainable_parameters(model), chunk_size=2)
+    singles = [engine.squared_gradient_sum(x, y, u) for u in draws]
+    forwards = count_forwards(model)
+    got = engine.squared_gradient_sum_over_draws(x, y, draws)
+    assert forwards[0] == 1
+    for n, value in got.items():
+        assert torch.equal(value, singles[0][n] + singles[1][n] + singles[2][n]), n
+    assert_close_dicts({n: v / 9 for n, v in got.items()}, oracle(name, model, [(x, y)] * 3, draws))
+
+
+def test_label_draws_through_recompute_fallback_and_the_image_leaf():
+    """The modules without rules (recomputed per image, or the vmap fallback) and a model that forces the backward
+    from the image see every draw: equal to the sum of single-draw calls."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = nn.GroupNorm(2, 4)
+            self.side = nn.Linear(4, 4)
+
+        def forward(self, x):
+            t = self.conv(x)
+            t.mul_(2.0)  # in place into the first output: the backward from the image
+            t = torch.tanh(self.norm(t))
+            return t + torch.einsum("bchw,dc->bdhw", t, self.side.weight)
+
+    torch.manual_seed(0)
+    model = Odd()
+    x, y = torch.randn(3, 3, 4, 4), torch.randint(0, 4, (3, 4, 4))
+    draws = [torch.rand(y.shape, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    engine = HookEngine(model, trainable_parameters(model))
+    got = engine.squared_gradient_sum_over_draws(x, y, [*draws, None])  # None: the given labels
+    assert not engine.leaf_mode
+    assert {engine.visits[n] for n in ("norm.weight", "side.weight")} == {RECOMPUTE, FALLBACK}
+    singles = [engine.squared_gradient_sum(x, y, u) for u in [*draws, None]]
+    for n, value in got.items():
+        assert torch.equal(value, singles[0][n] + singles[1][n] + singles[2][n]), n
+    vmap = VmapEngine(model, trainable_parameters(model)).squared_gradient_sum_over_draws(x, y, [*draws, None])
+    assert_close_dicts(vmap, got, rtol=1e-5)

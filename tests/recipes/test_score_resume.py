@@ -102,20 +102,22 @@ def test_changed_options_are_refused_and_overwrite_discards(tmp_path, data):
 
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
-    """The engine's squared_gradient_sum returns NaN on its third call: the clean pass of the second batch."""
-    original = HookEngine.squared_gradient_sum
+    """The engine returns NaN for the clean pass of the second batch: its fourth call, after the first batch's
+    clean pass (its two label draws on one forward) and its two shifted passes."""
+    original = HookEngine.squared_gradient_sum_over_draws
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
         sums = original(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 4:
+            assert len(args[3]) == 2, "the clean pass: both label draws"
             name = next(iter(sums))
             sums[name] = sums[name].clone()
             sums[name].view(-1)[0] = float("nan")
         return sums
 
-    monkeypatch.setattr(HookEngine, "squared_gradient_sum", patched)
+    monkeypatch.setattr(HookEngine, "squared_gradient_sum_over_draws", patched)
     return calls
 
 
