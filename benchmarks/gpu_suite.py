@@ -16,6 +16,8 @@ atomically after each one, so a run cut short keeps what it measured, and a sect
    them, with the linear decoder; batch 8, bf16 autocast, one sampled label map per image. Methods:
      plain        forward + backward of the batch with weight gradients (one training step without the optimizer)
      engine       the hook engine (``make_engine(model, "hooks")``), the default of ``score``
+     engine_two_draws  the engine's two label draws on one forward (``squared_gradient_sum_over_draws``): the clean
+                  pass of ``score``'s default two draws; ``vs_two_engine_passes`` is its time over twice engine's
      engine_fused the same with the experimental fused Triton kernel for Linear weights (``fused=True``)
      vmap         torch.func vmap(grad) (``make_engine(model, "vmap")``)
      variational  one step of ``fisherscan.fisher.variational.fit_precision`` with the reparam curvature (an
@@ -73,11 +75,13 @@ SPEED = {  # name -> (model spec, input side)
 }
 SMALL_SPEED = {"tiny_vit_96": ("timm:vit_small_patch16_224?depth=4&embed_dim=128&num_heads=4&patch_size=8"
                                "&init_values=0.01", 96)}
-METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "variational_vogn", "tune_full", "tune_masked",
-           "tune_adamw")
+METHODS = ("plain", "engine", "engine_two_draws", "engine_fused", "vmap", "variational", "variational_vogn",
+           "tune_full", "tune_masked", "tune_adamw")
 ABOUT = {
     "plain": "forward + backward of the batch with weight gradients, summed pixel CE on sampled labels",
     "engine": "hook engine, make_engine(model, 'hooks', chunk_size=batch), backbone scored",
+    "engine_two_draws": "the engine's squared_gradient_sum_over_draws with two label draws: one forward, two "
+                        "backwards (vs_two_engine_passes: over twice engine's time)",
     "engine_fused": "the same with fused=True: Linear weights by the Triton kernel of fisherscan.fisher.fused "
                     "(where it cannot run, the PyTorch rule: see engine_paths)",
     "vmap": "torch.func vmap(grad), make_engine(model, 'vmap', chunk_size=batch)",
@@ -140,6 +144,11 @@ def method_factory(name: str, model: Segmenter, x, y, u, autocast):
         engine = make_engine(model, "vmap" if name == "vmap" else "hooks", chunk_size=x.shape[0],
                              fused=name == "engine_fused")
         return lambda: engine.squared_gradient_sum(x, y, u, autocast_dtype=autocast)
+    if name == "engine_two_draws":
+        set_trainable(model, True, False)
+        engine = make_engine(model, "hooks", chunk_size=x.shape[0])
+        draws = [u, torch.rand(u.shape, generator=torch.Generator().manual_seed(1))]
+        return lambda: engine.squared_gradient_sum_over_draws(x, y, draws, autocast_dtype=autocast)
     if name in ("variational", "variational_vogn"):
         from fisherscan.fisher.variational import fit_precision
         from fisherscan.fisher.variational_segmentation import segmentation_losses, segmentation_squares
@@ -265,6 +274,9 @@ def add_ratios(results: dict, times: dict) -> None:
             value["memory_vs_plain"] = value["peak_gib"] / plain["peak_gib"]
         if value.get("peak_over_held_gib") is not None and plain.get("peak_over_held_gib", 0) > 0:
             value["extra_memory_vs_plain"] = value["peak_over_held_gib"] / plain["peak_over_held_gib"]
+    if "median_seconds" in results.get("engine_two_draws", {}) and "median_seconds" in results.get("engine", {}):
+        results["engine_two_draws"]["vs_two_engine_passes"] = results["engine_two_draws"]["median_seconds"] / (
+            2 * results["engine"]["median_seconds"])
     if "time_vs_plain" in results.get("variational", {}):
         results["variational"]["per_pass_vs_plain"] = results["variational"]["time_vs_plain"] / 2
     for name in ("tune_masked", "tune_adamw"):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("plain", "engine", "engine_fused", "vmap", "variational", "variational_vogn", "tune_full", "tune_masked",
-           "tune_adamw")
+METHODS = ("plain", "engine", "engine_two_draws", "engine_fused", "vmap", "variational", "variational_vogn",
+           "tune_full", "tune_masked", "tune_adamw")
 COMMANDS = ("score", "tune_linear", "tune_mask2former", "eval_linear", "eval_mask2former")
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,9 @@ def test_every_method_is_timed_against_plain_with_its_peak_memory(report):
     variational = setting["methods"]["variational"]
     assert variational["per_pass_vs_plain"] == pytest.approx(variational["time_vs_plain"] / 2)
     assert "time_vs_tune_full" in setting["methods"]["tune_masked"]
+    two = setting["methods"]["engine_two_draws"]
+    assert two["vs_two_engine_passes"] == pytest.approx(two["median_seconds"] / (2 * setting["methods"]["engine"][
+        "median_seconds"]))
     assert "fallback" not in setting["engine_paths"]
     assert setting["engine_fused_paths"] == setting["engine_paths"]  # no kernel on the CPU: the same rules
 
