@@ -85,22 +85,27 @@ class FisherAccumulator:
 
 
 def diagonal_fisher(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                    labels: str = "sampled", ignore_index: int = 255,
+                    labels: str = "sampled", label_draws: int = 1, ignore_index: int = 255,
                     generator: torch.Generator | None = None, engine: str = "hooks") -> dict[str, torch.Tensor]:
     """Exact diagonal Fisher (Eq. 8, 9) of every parameter with requires_grad, float32, by name.
 
     ``model(x)`` returns logits (B, C, h, w); ``batches`` yields (x, y) with y (B, H, W) int64. The value is
     (1/N) sum over images of the squared gradient of that image's summed pixel loss. With
     ``labels="sampled"`` each image's label map is drawn from softmax(logits) with uniforms drawn from
-    ``generator`` (``torch.rand(y.shape)`` per batch, on the CPU); ``labels="given"`` uses y.
-    Put the model in eval mode first (dropout and drop-path would make the gradients random). ``engine`` as in
-    ``squared_gradient_sum``.
+    ``generator`` (``torch.rand(y.shape)`` per batch and draw, on the CPU), and Eq. 9's expectation over y is the
+    mean over ``label_draws`` draws (one forward per batch serves them all; ``fisherscan score`` takes 2);
+    ``labels="given"`` uses y. Put the model in eval mode first (dropout and drop-path would make the gradients
+    random). ``engine`` as in ``squared_gradient_sum``.
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
+    if label_draws < 1 or (labels == "given" and label_draws != 1):
+        raise ValueError(f"label_draws must be 1 with given labels and at least 1 otherwise, not {label_draws}")
     estimator = make_engine(model, engine)
     accumulator = FisherAccumulator({name: p.shape for name, p in estimator.params.items()})
     for x, y in batches:
-        uniforms = torch.rand(y.shape, generator=generator) if labels == "sampled" else None
-        accumulator.add(estimator.squared_gradient_sum(x, y, uniforms, ignore_index=ignore_index), x.shape[0])
+        draws = ([torch.rand(y.shape, generator=generator) for _ in range(label_draws)] if labels == "sampled"
+                 else [None])
+        sums = estimator.squared_gradient_sum_over_draws(x, y, draws, ignore_index=ignore_index)
+        accumulator.add({n: v / label_draws for n, v in sums.items()}, x.shape[0])
     return accumulator.fisher()

@@ -32,6 +32,21 @@ def test_diagonal_fisher_equals_per_image_autograd_loop(segmenter, labels, engin
     assert_close_dicts(fisher, expected)
 
 
+def test_label_draws_average_eq_9_over_draws_of_the_labels(segmenter):
+    """K label draws: the per-image loop over the same K uniforms per batch (drawn in batch, then draw order)."""
+    batches = [batch(0), batch(1, b=2)]
+    fisher = diagonal_fisher(segmenter, batches, label_draws=3, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    repeated, uniforms = [], []
+    for x, y in batches:
+        for _ in range(3):
+            repeated.append((x, y))
+            uniforms.append(torch.rand(y.shape, generator=g))
+    assert_close_dicts(fisher, brute_force_fisher(segmenter, repeated, uniforms))
+    with pytest.raises(ValueError, match="label_draws"):
+        diagonal_fisher(segmenter, batches, labels="given", label_draws=2)
+
+
 def test_register_tokens_and_frozen_parameters_are_handled():
     model = tiny_segmenter(reg_tokens=2)
     for p in model.decoder.parameters():
