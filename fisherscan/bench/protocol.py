@@ -48,12 +48,15 @@ SOURCE_SEED, VAL_SEED, TEST_SEED = 1000, 10, 20  # + seed for the source; pretra
 
 #: Strategies in table order. ``drfim-var``: DR-FIM from the variational estimator (Eq. 10-15); ``oracle-delta``:
 #: Delta F (Eq. 5) between F on the source scenes and F on the same scenes rendered in the validation style (a real
-#: shift instead of Eq. 6's simulated one; separates "the principle does not hold" from "Eq. 6 is too weak").
+#: shift instead of Eq. 6's simulated one; separates "the principle does not hold" from "Eq. 6 is too weak");
+#: ``oracle-drfim``: DR-FIM (Eq. 7, score's balance) with that real Delta F, what ``--shift-data`` gives a user with
+#: unlabelled images of one other style.
 STRATEGIES = ("freeze", "full", "random", "random-q", "random-k", "random-v", "fim", "delta", "drfim", "drfim-var",
-              "oracle-delta")
+              "oracle-delta", "oracle-drfim")
 REFERENCES = ("freeze", "full")  # always run: the sanity check compares them
 #: Paired differences reported (per seed, a minus b, of each test group's mean).
-PAIRS = (("drfim", "random"), ("drfim", "fim"), ("drfim", "freeze"), ("drfim", "oracle-delta"))
+PAIRS = (("drfim", "random"), ("drfim", "fim"), ("drfim", "freeze"), ("drfim", "oracle-delta"),
+         ("oracle-drfim", "fim"))
 
 BUDGET = 0.05  # the selected fraction of all backbone parameters at the end (Table 4's 5%)
 START_FRACTION = 0.2  # Eq. 16 starts at this fraction of the budget (the paper's 1% -> 5%)

@@ -8,11 +8,13 @@ protocol's constants and the roles of the styles are in ``fisherscan.bench.proto
 1. **Foundation model** (``pretrain``): a small ViT (width 64, depth 6, patch 4 at 64 px: 16x16 tokens)
    pretrained on a coarse label set in the pretraining styles (clean, fog, colour, blur), cached by its config's
    hash.
-2. **Data**: per seed, labelled source scenes in ``toon`` (and the same scenes in ``rain``, for ``oracle-delta``);
+2. **Data**: per seed, labelled source scenes in ``toon`` (and the same scenes in ``rain``, for the ``oracle-*``
+   strategies);
    shared validation scenes in ``toon`` and ``rain``; shared test scenes in the seen and novel test styles.
 3. **Score** (Algorithm 1 steps 1-2, ``fisherscan.recipes.score.run_score``) on the source scenes: the decoder warmed
    up on the frozen backbone, the diagonal estimator (F(x), F(x') by score's defaults), the variational one
-   (``drfim-var``) and, for ``oracle-delta``, F(x') from the same scenes rendered in ``rain`` (paired ``--shift-data``).
+   (``drfim-var``) and, for ``oracle-delta`` and ``oracle-drfim``, F(x') from the same scenes rendered in ``rain``
+   (paired ``--shift-data``).
 4. **Tune** (Algorithm 1 step 3, ``fisherscan.recipes.tune.run_tune``) every strategy from that head on the source
    data only, with the same steps, batch and data order: backbone lr 1e-4, decoder lr 1e-3, poly decay; the
    selected fraction of all backbone parameters grows from budget / 5 to the budget (Eq. 16).
@@ -55,7 +57,9 @@ from .protocol import (
 from .report import finish
 
 #: How each benchmark strategy is tuned: (tune --strategy, the scores file it ranks by).
-TUNE_AS = {"drfim-var": ("drfim", "variational"), "oracle-delta": ("delta", "oracle")}
+TUNE_AS = {"drfim-var": ("drfim", "variational"), "oracle-delta": ("delta", "oracle"),
+           "oracle-drfim": ("drfim", "oracle")}
+ORACLE = ("oracle-delta", "oracle-drfim")  # the strategies that rank by the real-shift scores
 
 
 @dataclass
@@ -108,7 +112,7 @@ def write_data(config: BenchConfig) -> dict:
     test = write_dataset(data / "test", domains=tuple(rendered.values()), images_per_domain=config.test_images,
                          size=size, seed=TEST_SEED)
     test = {column: test[style] for column, style in rendered.items()}
-    shifted = ("oracle-delta" in config.strategies) * (VALIDATION_STYLE,)
+    shifted = (VALIDATION_STYLE,) if set(ORACLE) & set(config.strategies) else ()
     source = {seed: write_dataset(data / f"source_seed{seed}", domains=(SOURCE_STYLE, *shifted),
                                   images_per_domain=config.source_images, size=size, seed=SOURCE_SEED + seed)
               for seed in config.seeds}
@@ -137,7 +141,7 @@ def score_seed(config: BenchConfig, pretrained: Pretrained, seed: int, source: d
         stages.run("score variational", f"seed {seed}: variational", lambda: run_score(ScoreConfig(
             **common, out=files["variational"], images=config.score_images, estimator="variational",
             var_steps=config.var_steps, head=head, overwrite=True)))
-    if "oracle-delta" in config.strategies:  # F(x') from the same scenes rendered in rain (paired --shift-data)
+    if set(ORACLE) & set(config.strategies):  # F(x') from the same scenes rendered in rain (paired --shift-data)
         files["oracle"] = here / "scores_oracle.safetensors"
         stages.run("score oracle", f"seed {seed}: oracle", lambda: run_score(ScoreConfig(
             **common, out=files["oracle"], images=config.score_images, shift_data=source[VALIDATION_STYLE],
@@ -188,7 +192,7 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> BenchR
     validation = prepare_datasets([data["columns"][c] for c in (SOURCE_VAL, VALIDATION_STYLE)], "generic")
     test = prepare_datasets([data["columns"][s] for s in config.styles], "generic")
     runs, rows, fractions = {}, [], {}
-    score_jobs = 1 + ("drfim-var" in config.strategies) + ("oracle-delta" in config.strategies)
+    score_jobs = 1 + ("drfim-var" in config.strategies) + bool(set(ORACLE) & set(config.strategies))
     jobs = len(config.seeds) * (score_jobs + 3 * len(config.strategies))  # tune, validate, test
     with progress_bar(console) as progress:
         stages = Stages(progress, jobs)

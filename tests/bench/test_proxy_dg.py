@@ -106,6 +106,8 @@ def test_runs_used_the_pretrained_weights_and_each_strategy_its_selection(quick)
     assert Path(oracle_meta["options"]["shift_data"]).parent.name == "source_seed0"
     assert Path(oracle_meta["options"]["shift_data"]).name == "rain"
     assert load_scores(work / "scores.safetensors")[1]["estimator"] == "diagonal"
+    real = json.loads((work / "run_oracle-drfim" / "manifest.json").read_text())  # DR-FIM from the same real shift
+    assert real["selection"]["strategy"] == "drfim" and real["scores"] == oracle["scores"]
 
 
 def stubbed(monkeypatch, tmp_path, gap: float):
