@@ -40,8 +40,10 @@ from ..eval.evaluate import EvalDataset, evaluate_datasets, prepare_datasets
 from ..eval.runs import load_run
 from ..recipes.config import ScoreConfig, TuneConfig
 from ..recipes.score import run_score
+from ..recipes.score_record import rebalance
 from ..recipes.tune import run_tune
 from ..runtime import progress_bar, resolve_device
+from ..scores.file import load_scores, save_scores
 from .pretrain import Pretrained, pretrained_weights
 from .protocol import (
     GROUPS,
@@ -58,7 +60,7 @@ from .report import finish
 
 #: How each benchmark strategy is tuned: (tune --strategy, the scores file it ranks by).
 TUNE_AS = {"drfim-var": ("drfim", "variational"), "oracle-delta": ("delta", "oracle"),
-           "oracle-drfim": ("drfim", "oracle")}
+           "oracle-drfim": ("drfim", "oracle"), "anti-drfim": ("drfim", "anti")}
 ORACLE = ("oracle-delta", "oracle-drfim")  # the strategies that rank by the real-shift scores
 
 
@@ -141,6 +143,9 @@ def score_seed(config: BenchConfig, pretrained: Pretrained, seed: int, source: d
         stages.run("score variational", f"seed {seed}: variational", lambda: run_score(ScoreConfig(
             **common, out=files["variational"], images=config.score_images, estimator="variational",
             var_steps=config.var_steps, head=head, overwrite=True)))
+    if "anti-drfim" in config.strategies:  # the diagonal scores with lambda = -1 (no extra pass)
+        files["anti"] = here / "scores_anti.safetensors"
+        save_scores(files["anti"], *rebalance(*load_scores(files["diagonal"]), -1.0, "rank"))
     if set(ORACLE) & set(config.strategies):  # F(x') from the same scenes rendered in rain (paired --shift-data)
         files["oracle"] = here / "scores_oracle.safetensors"
         stages.run("score oracle", f"seed {seed}: oracle", lambda: run_score(ScoreConfig(

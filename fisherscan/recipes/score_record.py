@@ -9,6 +9,7 @@ from ..data.labels import NUM_CLASSES
 from ..errors import FisherscanError
 from ..fisher.drfim import default_delta_eps, dr_fim_terms, eq15_pseudocount, shift_weight, variational_dr_fim_terms
 from ..io import options_json
+from ..models.groups import candidate_names, parameter_groups
 from ..models.heads import head_path_for
 from ..scores.reliability import half_agreement
 from .config import ScoreConfig
@@ -56,6 +57,21 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
     if prior is not None:
         terms["eq15"] = eq15_record(config, prior, scale, printed)
     return scores, terms
+
+
+def rebalance(scores: dict, metadata: dict, drfim_weight: float, combine_mode: str) -> tuple[dict, dict]:
+    """A diagonal scores file's DR-FIM under another balance (Eq. 7 as ``combine`` computes it, from the file's F(x),
+    F(x'), normalisation, eps and shift weight): (scores with the new ``drfim``, metadata with the new balance).
+    ``drfim_weight`` may be negative here (domain-sensitive elements pushed out of the selection), a bench probe
+    that ``score`` does not offer."""
+    if "eq15" in metadata:
+        raise ValueError("rebalance takes the diagonal estimator's files (Eq. 7), not Eq. 15's")
+    candidates = candidate_names(parameter_groups((n, t.shape) for n, t in scores["fim"].items()))
+    normalize = metadata["normalization"]["mode"] != "none"
+    _, drfim, _ = dr_fim_terms(scores["fim"], scores["fim_shift"], metadata["shift"]["weight"], normalize,
+                               candidates, metadata["delta_eps"], drfim_weight, combine_mode)
+    balance = {**metadata["balance"], "drfim_weight": drfim_weight, "combine": combine_mode}
+    return {**scores, "drfim": drfim}, {**metadata, "balance": balance}
 
 
 def eq15_record(config: ScoreConfig, prior: dict, scale: float, printed: bool) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import invoke, one_error_line
 
 import fisherscan.bench.protocol as protocol
@@ -108,6 +109,13 @@ def test_runs_used_the_pretrained_weights_and_each_strategy_its_selection(quick)
     assert load_scores(work / "scores.safetensors")[1]["estimator"] == "diagonal"
     real = json.loads((work / "run_oracle-drfim" / "manifest.json").read_text())  # DR-FIM from the same real shift
     assert real["selection"]["strategy"] == "drfim" and real["scores"] == oracle["scores"]
+    # anti-drfim: the diagonal scores rebalanced with lambda -1, tuned from the same head as drfim
+    anti, drfim = (json.loads((work / f"run_{s}" / "manifest.json").read_text()) for s in ("anti-drfim", "drfim"))
+    assert anti["selection"]["strategy"] == "drfim" and anti["head"] == drfim["head"]
+    anti_scores, anti_meta = load_scores(anti["scores"])
+    assert anti_meta["balance"]["drfim_weight"] == -1.0 and Path(anti["scores"]).name == "scores_anti.safetensors"
+    diagonal = load_scores(work / "scores.safetensors")[0]
+    assert all(torch.equal(anti_scores["fim"][n], diagonal["fim"][n]) for n in diagonal["fim"])
 
 
 def stubbed(monkeypatch, tmp_path, gap: float):

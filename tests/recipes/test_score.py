@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import fisherscan
 from fisherscan.data.synthetic import write_dataset
+from fisherscan.recipes.score_record import rebalance
 from fisherscan.scores.file import load_scores
 
 MODEL = "timm:vit_tiny_patch16_224"
@@ -261,6 +262,25 @@ def test_normalised_drfim_matches_eq_5_and_7(base):
     drfim = torch.cat([scores["drfim"][n].double().reshape(-1) for n in names])
     torch.testing.assert_close(drfim, expected, rtol=1e-5, atol=1e-6)
     assert all(not scores["drfim"][n].any() for n in scores["fim"] if n not in names)
+
+
+def test_rebalance_reproduces_the_file_and_pushes_delta_out_with_a_negative_weight(base):
+    """Oracles: the file's own DR-FIM (its balance, bit for bit), and scipy's ranks of F and Delta F over the
+    candidates for lambda = -1: rank(F) - w rank(Delta F)."""
+    from scipy.stats import rankdata
+
+    scores, meta = base["scores"], base["meta"]
+    same, same_meta = rebalance(scores, meta, meta["balance"]["drfim_weight"], meta["balance"]["combine"])
+    assert all(torch.equal(same["drfim"][n], scores["drfim"][n]) for n in scores["fim"]) and same_meta == meta
+    anti, anti_meta = rebalance(scores, meta, -1.0, "rank")
+    assert anti_meta["balance"]["drfim_weight"] == -1.0 and anti["fim"] is scores["fim"]
+    names = [n for n in scores["fim"] if ".attn.qkv." in n or ".mlp." in n]
+    count = sum(scores["fim"][n].numel() for n in names)
+    task = rankdata(torch.cat([scores["fim"][n].double().reshape(-1) for n in names]).numpy()) / count
+    domain = rankdata(torch.cat([scores["delta"][n].double().reshape(-1) for n in names]).numpy()) / count
+    expected = torch.from_numpy(task - meta["shift"]["weight"] * domain)
+    torch.testing.assert_close(torch.cat([anti["drfim"][n].double().reshape(-1) for n in names]), expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_literal_drfim_matches_eq_5_and_7(tmp_path, data, base):
