@@ -50,10 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fisherscan.bench.pretrain import PretrainConfig, pretrained_weights  # noqa: E402
 from fisherscan.bench.protocol import QUICK_PRETRAIN, SOURCE_STYLE, VALIDATION_STYLE  # noqa: E402
 from fisherscan.data.synthetic import write_dataset  # noqa: E402
-from fisherscan.fisher.drfim import dr_fim_terms  # noqa: E402
-from fisherscan.models.groups import CANDIDATE_GROUPS, candidate_names, parameter_groups  # noqa: E402
+from fisherscan.models.groups import CANDIDATE_GROUPS  # noqa: E402
 from fisherscan.recipes.config import ScoreConfig  # noqa: E402
 from fisherscan.recipes.score import run_score  # noqa: E402
+from fisherscan.recipes.score_record import rebalance  # noqa: E402
 from fisherscan.scores.select import candidate_elements, selection_order  # noqa: E402
 from fisherscan.stats import jaccard, spearman  # noqa: E402
 
@@ -110,7 +110,6 @@ class Study:
         shapes = {n: t.shape for n, t in warm.scores["fim"].items()}
         self.names, allowed = candidate_elements(shapes, CANDIDATE_GROUPS)
         self.candidates = allowed
-        self.candidate_names = candidate_names(parameter_groups(shapes.items()))
         self.k = math.floor(0.05 * sum(math.prod(s) for s in shapes.values()))
 
     def score(self, name: str, seed: int, **options) -> tuple[dict, dict, float]:
@@ -128,18 +127,10 @@ class Study:
         return flat(scores, kind, self.names)[self.candidates]
 
 
-def rebalance(study: "Study", scores: dict, metadata: dict, combine: str, weight: float) -> dict:
-    """DR-FIM of a scores file under another balance: Eq. 7 as ``fisherscan.fisher.drfim`` computes it, from the
-    file's F(x), F(x'), shift weight and eps."""
-    _, drfim, _ = dr_fim_terms(scores["fim"], scores["fim_shift"], metadata["shift"]["weight"], True,
-                               study.candidate_names, metadata["delta_eps"], weight, combine)
-    return {**scores, "drfim": drfim}
-
-
 def measure(study: Study, runs: list[tuple[dict, dict, float]], reference: torch.Tensor, old_seconds: float,
             balance: tuple[str, float]) -> dict:
     """The fields of the module doc for one setting's seed runs under one balance."""
-    scored = [rebalance(study, scores, meta, *balance) for scores, meta, _ in runs]
+    scored = [rebalance(scores, meta, balance[1], balance[0])[0] for scores, meta, _ in runs]
     pairs = list(combinations(range(len(scored)), 2))
     tops = [study.top(s, "delta") for s in scored]
     deltas = [study.values(s, "delta") for s in scored]
