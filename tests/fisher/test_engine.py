@@ -187,20 +187,28 @@ def test_bf16_autocast_accumulates_in_fp32_close_to_fp32():
         assert relative < 0.1, f"{name}: {relative:.3f}"
 
 
+class Odd(nn.Module):
+    """A conv (its rule), a GroupNorm (no rule: recomputed per image) and a weight read outside its module's forward
+    (the vmap fallback); ``in_place`` writes into the conv's output, so the backward starts from the image."""
+
+    def __init__(self, in_place: bool = False):
+        super().__init__()
+        self.in_place = in_place
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.side = nn.Linear(4, 4)
+
+    def forward(self, x):
+        t = self.conv(x)
+        if self.in_place:
+            t.mul_(2.0)
+        t = torch.tanh(self.norm(t))
+        return t + torch.einsum("bchw,dc->bdhw", t, self.side.weight)  # side's weight, not side(...)
+
+
 def test_modules_without_rules_are_recomputed_or_fall_back():
     """GroupNorm has no rule: recomputed per image; a parameter used outside its module's forward (read by the
     parent) never reaches a hook: the vmap fallback. Oracle: the brute-force loop."""
-
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.norm = nn.GroupNorm(2, 4)
-            self.side = nn.Linear(4, 4)
-
-        def forward(self, x):
-            t = torch.tanh(self.norm(self.conv(x)))
-            return t + torch.einsum("bchw,dc->bdhw", t, self.side.weight)  # side's weight, not side(...)
 
     torch.manual_seed(0)
     model = Odd()
@@ -286,21 +294,8 @@ def test_label_draws_through_recompute_fallback_and_the_image_leaf():
     """The modules without rules (recomputed per image, or the vmap fallback) and a model that forces the backward
     from the image see every draw: equal to the sum of single-draw calls."""
 
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.norm = nn.GroupNorm(2, 4)
-            self.side = nn.Linear(4, 4)
-
-        def forward(self, x):
-            t = self.conv(x)
-            t.mul_(2.0)  # in place into the first output: the backward from the image
-            t = torch.tanh(self.norm(t))
-            return t + torch.einsum("bchw,dc->bdhw", t, self.side.weight)
-
     torch.manual_seed(0)
-    model = Odd()
+    model = Odd(in_place=True)
     x, y = torch.randn(3, 3, 4, 4), torch.randint(0, 4, (3, 4, 4))
     draws = [torch.rand(y.shape, generator=torch.Generator().manual_seed(k)) for k in range(2)]
     engine = HookEngine(model, trainable_parameters(model))
