@@ -52,8 +52,7 @@ def combine(f_clean: dict, f_shift: dict, magnitude: float, config: ScoreConfig,
              "delta_eps": eps,
              "shift": {"magnitude": magnitude, "weight": weight, "weight_overridden": config.shift_weight is not None,
                        "definition": definition},
-             "balance": {**balance, "formula": "DRF = F + lambda * w * Delta F" + (
-                 " on the ranks of F and Delta F over the candidates" if config.combine == "rank" else "")}}
+             "balance": balance_record(config.drfim_weight, config.combine)}
     if prior is not None:
         terms["eq15"] = eq15_record(config, prior, scale, printed)
     return scores, terms
@@ -70,8 +69,13 @@ def rebalance(scores: dict, metadata: dict, drfim_weight: float, combine_mode: s
     normalize = metadata["normalization"]["mode"] != "none"
     _, drfim, _ = dr_fim_terms(scores["fim"], scores["fim_shift"], metadata["shift"]["weight"], normalize,
                                candidates, metadata["delta_eps"], drfim_weight, combine_mode)
-    balance = {**metadata["balance"], "drfim_weight": drfim_weight, "combine": combine_mode}
-    return {**scores, "drfim": drfim}, {**metadata, "balance": balance}
+    return {**scores, "drfim": drfim}, {**metadata, "balance": balance_record(drfim_weight, combine_mode)}
+
+
+def balance_record(drfim_weight: float, combine_mode: str) -> dict:
+    """The metadata's ``balance``: lambda, the combine mode and the formula they give."""
+    return {"drfim_weight": drfim_weight, "combine": combine_mode, "formula": "DRF = F + lambda * w * Delta F" + (
+        " on the ranks of F and Delta F over the candidates" if combine_mode == "rank" else "")}
 
 
 def eq15_record(config: ScoreConfig, prior: dict, scale: float, printed: bool) -> dict:
