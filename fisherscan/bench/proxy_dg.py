@@ -64,6 +64,11 @@ TUNE_AS = {"drfim-var": ("drfim", "variational"), "oracle-delta": ("delta", "ora
 ORACLE = ("oracle-delta", "oracle-drfim")  # the strategies that rank by the real-shift scores
 
 
+def uses_oracle(config: BenchConfig) -> bool:
+    """Whether a strategy of the run ranks by the real-shift (paired rain) scores."""
+    return any(strategy in ORACLE for strategy in config.strategies)
+
+
 @dataclass
 class BenchResult:
     config: BenchConfig
@@ -114,7 +119,7 @@ def write_data(config: BenchConfig) -> dict:
     test = write_dataset(data / "test", domains=tuple(rendered.values()), images_per_domain=config.test_images,
                          size=size, seed=TEST_SEED)
     test = {column: test[style] for column, style in rendered.items()}
-    shifted = (VALIDATION_STYLE,) if set(ORACLE) & set(config.strategies) else ()
+    shifted = (VALIDATION_STYLE,) if uses_oracle(config) else ()
     source = {seed: write_dataset(data / f"source_seed{seed}", domains=(SOURCE_STYLE, *shifted),
                                   images_per_domain=config.source_images, size=size, seed=SOURCE_SEED + seed)
               for seed in config.seeds}
@@ -146,7 +151,7 @@ def score_seed(config: BenchConfig, pretrained: Pretrained, seed: int, source: d
     if "anti-drfim" in config.strategies:  # the diagonal scores with lambda = -1 (no extra pass)
         files["anti"] = here / "scores_anti.safetensors"
         save_scores(files["anti"], *rebalance(*load_scores(files["diagonal"]), -1.0, "rank"))
-    if set(ORACLE) & set(config.strategies):  # F(x') from the same scenes rendered in rain (paired --shift-data)
+    if uses_oracle(config):  # F(x') from the same scenes rendered in rain (paired --shift-data)
         files["oracle"] = here / "scores_oracle.safetensors"
         stages.run("score oracle", f"seed {seed}: oracle", lambda: run_score(ScoreConfig(
             **common, out=files["oracle"], images=config.score_images, shift_data=source[VALIDATION_STYLE],
@@ -197,7 +202,7 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> BenchR
     validation = prepare_datasets([data["columns"][c] for c in (SOURCE_VAL, VALIDATION_STYLE)], "generic")
     test = prepare_datasets([data["columns"][s] for s in config.styles], "generic")
     runs, rows, fractions = {}, [], {}
-    score_jobs = 1 + ("drfim-var" in config.strategies) + bool(set(ORACLE) & set(config.strategies))
+    score_jobs = 1 + ("drfim-var" in config.strategies) + uses_oracle(config)
     jobs = len(config.seeds) * (score_jobs + 3 * len(config.strategies))  # tune, validate, test
     with progress_bar(console) as progress:
         stages = Stages(progress, jobs)

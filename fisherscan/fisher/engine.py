@@ -44,7 +44,7 @@ from ..models.logits import upsample_logits
 from . import fused, rules
 from .loss import labelled_loss
 from .perturb import TokenShift
-from .vmap import add_sums, vmap_squared_gradient_sum
+from .vmap import VmapEngine, add_sums
 
 FALLBACK = "fallback"
 FUSED = "linear_fused"
@@ -367,12 +367,9 @@ class HookEngine:
         self.visits.update(dict.fromkeys(unused, UNUSED))  # no path to the loss: the gradient is exactly zero
         rest = [n for n in rest if n not in unused]
         if rest:
-            extra = None
-            for uniforms in draws:
-                one = vmap_squared_gradient_sum(self.model, {n: self.params[n] for n in rest}, x, y, uniforms,
-                                                ignore_index=ignore_index, shift=shift, shift_eps=shift_eps,
-                                                chunk_size=self.chunk_size, autocast_dtype=autocast_dtype)
-                extra = add_sums(extra, one)
+            extra = VmapEngine(self.model, {n: self.params[n] for n in rest}, self.chunk_size) \
+                .squared_gradient_sum_over_draws(x, y, draws, ignore_index=ignore_index, shift=shift,
+                                                 shift_eps=shift_eps, autocast_dtype=autocast_dtype)
             for n in rest:
                 sums[n] = extra[n]
                 self.visits[n] = FALLBACK
